@@ -53,7 +53,7 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 8, prediction_type: st
         max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
     ))
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = CLIPTokenizer.from_pretrained(write_tiny_tokenizer(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(write_tiny_tokenizer(tmp), model_max_length=77)
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
         set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,

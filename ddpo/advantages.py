@@ -1,0 +1,48 @@
+"""From rewards to advantages: per-prompt running statistics (as in the DDPO paper) or whole-batch normalisation."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+_EPS = 1e-6
+
+
+class PerPromptStatTracker:
+    """Normalise each reward by the mean and std of recent rewards for the same prompt.
+
+    Until a prompt has `min_count` rewards in its buffer (the last `buffer_size`), it is normalised with
+    the statistics of the whole batch instead. The state is saved in checkpoints, so resumed runs agree.
+    """
+
+    def __init__(self, buffer_size: int, min_count: int):
+        self.buffer_size = buffer_size
+        self.min_count = min_count
+        self.buffers: dict[str, deque[float]] = {}
+
+    def update(self, prompts: list[str], rewards: np.ndarray) -> np.ndarray:
+        """Add a batch and return its advantages. prompts: B strings; rewards: (B,) -> (B,) float32."""
+        rewards = np.asarray(rewards, dtype=np.float64)
+        advantages = np.empty_like(rewards)
+        for prompt in dict.fromkeys(prompts):  # unique, in first-seen order
+            mask = np.array([p == prompt for p in prompts])
+            buffer = self.buffers.setdefault(prompt, deque(maxlen=self.buffer_size))
+            buffer.extend(rewards[mask].tolist())
+            stats = np.asarray(buffer) if len(buffer) >= self.min_count else rewards
+            advantages[mask] = (rewards[mask] - stats.mean()) / (stats.std() + _EPS)
+        return advantages.astype(np.float32)
+
+    def state_dict(self) -> dict:
+        return {"buffer_size": self.buffer_size, "min_count": self.min_count,
+                "buffers": {prompt: list(buffer) for prompt, buffer in self.buffers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffer_size, self.min_count = state["buffer_size"], state["min_count"]
+        self.buffers = {p: deque(values, maxlen=self.buffer_size) for p, values in state["buffers"].items()}
+
+
+def batch_advantages(rewards: np.ndarray) -> np.ndarray:
+    """Whole-batch normalisation: (r - mean) / std. (B,) -> (B,) float32."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    return ((rewards - rewards.mean()) / (rewards.std() + _EPS)).astype(np.float32)

@@ -1,0 +1,151 @@
+"""Checkpoints: `runs/<name>/checkpoints/epoch_NNNN/`, written atomically, verified on load.
+
+A checkpoint folder holds
+- `pytorch_lora_weights.safetensors` (LoRA; loadable by diffusers' `pipe.load_lora_weights(folder)`) or `unet/`
+  (full finetuning; a diffusers UNet folder),
+- `optimizer.pt` (the optimizer's state, loaded with `weights_only=True`),
+- `trainer_state.json` (epoch, step, per-prompt stat-tracker buffers, RNG states),
+- `config.yaml` (the resolved config), and
+- `manifest.json` (sha256 of every file above), written last: a folder without a valid manifest is refused.
+
+It is written to a temporary folder and renamed into place, so a crash mid-save never leaves a partial
+checkpoint where `--resume` looks.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ddpo.config import Config, config_from_file, save_config
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+# Settings that decide the shape of the saved weights: a checkpoint only fits a run that agrees on them.
+_WEIGHT_KEYS = [("model", "pretrained"), ("model", "use_lora"), ("model", "lora_rank"), ("model", "lora_alpha"),
+                ("model", "lora_target_modules")]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, or does not fit the run's config."""
+
+
+def checkpoint_dir(run_dir: Path, epoch: int) -> Path:
+    return run_dir / "checkpoints" / f"epoch_{epoch:04d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Completed checkpoint folders of a run, oldest first (temporary folders are not listed)."""
+    folder = run_dir / "checkpoints"
+    return sorted(p for p in folder.glob("epoch_[0-9][0-9][0-9][0-9]") if p.is_dir()) if folder.is_dir() else []
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": _jsonable(random.getstate()), "numpy": _jsonable(np.random.get_state()),
+            "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, (tuple, list)):
+        return [_jsonable(x) for x in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return obj
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checkpoint(run_dir: Path, epoch: int, *, weights_writer, optimizer_state: dict, trainer_state: dict,
+                     config: Config, keep_last: int) -> Path:
+    """Write epoch `epoch`'s checkpoint atomically; keep the newest `keep_last`. Main process only.
+
+    `weights_writer(folder)` saves the model weights (LoRA file or unet/ folder) into `folder`.
+    """
+    final = checkpoint_dir(run_dir, epoch)
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights_writer(tmp)
+    torch.save(optimizer_state, tmp / "optimizer.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
+    save_config(config, tmp / "config.yaml")
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    manifest = {str(p.relative_to(tmp)): _sha256(p) for p in files}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    if final.exists():  # a previous attempt at this epoch (e.g. a resumed run): replace it
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Raise CheckpointError unless every file listed in the manifest is present with its sha256."""
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{folder} has no manifest.json: it is incomplete or not a ddpo checkpoint")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{manifest_path} is corrupt ({err})") from None
+    for name, digest in manifest.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {folder} is missing {name}")
+        if _sha256(path) != digest:
+            raise CheckpointError(f"checkpoint {folder} is corrupt: {name} does not match its sha256 in manifest.json. "
+                                  f"Resume from an earlier checkpoint by passing its folder to --resume, or delete {folder}.")
+
+
+def find_checkpoint(path: Path) -> Path:
+    """`path` is a run folder (its newest checkpoint is taken) or a checkpoint folder. Verified before returning."""
+    if (path / "manifest.json").exists() or (path / "trainer_state.json").exists():
+        folder = path
+    else:
+        checkpoints = list_checkpoints(path)
+        if not checkpoints:
+            raise CheckpointError(f"no checkpoint in {path / 'checkpoints'}; pass a run folder that has saved at "
+                                  "least one epoch, or a checkpoint folder")
+        folder = checkpoints[-1]
+    verify_checkpoint(folder)
+    return folder
+
+
+def check_compatible(folder: Path, config: Config) -> None:
+    """Refuse a checkpoint whose weights do not fit `config` (another model or LoRA shape)."""
+    saved = config_from_file(folder / "config.yaml").to_dict()
+    current = config.to_dict()
+    for section, key in _WEIGHT_KEYS:
+        if saved[section][key] != current[section][key]:
+            raise CheckpointError(f"checkpoint {folder} was trained with {section}.{key}={saved[section][key]!r} but "
+                                  f"this run has {section}.{key}={current[section][key]!r}; resume with the same value")
+
+
+def read_trainer_state(folder: Path) -> dict:
+    return json.loads((folder / "trainer_state.json").read_text())
+
+
+def read_optimizer_state(folder: Path) -> dict:
+    return torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)

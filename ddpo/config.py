@@ -1,0 +1,281 @@
+"""The single config schema: typed dataclasses, YAML presets, `key.sub=value` overrides, validation.
+
+Everything is checked here, before any model loads: unknown keys, wrong types and inconsistent values
+raise `ConfigError` naming the key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+ALGORITHMS = ("ddpo_is", "ddpo_sf", "rwr", "rwr_sparse")
+DEFAULT_PRESET = "shapes_alignment"
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, ill-typed or inconsistent with another."""
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = "shapes"  # a local diffusers folder, a hub id, "shapes" (shipped) or "tiny-random"
+    revision: str | None = None
+    use_lora: bool = True
+    lora_rank: int = 4
+    lora_alpha: int = 4
+    lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    allow_tf32: bool = True
+    gradient_checkpointing: bool = False
+    attention: Literal["sdpa", "xformers"] = "sdpa"  # xformers falls back to SDPA when absent or without CUDA
+
+
+@dataclass
+class SampleConfig:
+    num_steps: int = 50  # T: denoising steps = MDP steps
+    eta: float = 1.0  # DDIM stochasticity; the policy needs eta > 0
+    guidance_scale: float = 5.0
+    batch_size: int = 1  # per process
+    num_batches_per_epoch: int = 2  # per process
+    negative_prompt: str = ""
+
+
+@dataclass
+class TrainConfig:
+    algorithm: Literal["ddpo_is", "ddpo_sf", "rwr", "rwr_sparse"] = "ddpo_is"
+    num_epochs: int = 100
+    batch_size: int = 1  # per process, per micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (times the trained timesteps)
+    num_inner_epochs: int = 1
+    learning_rate: float = 3e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-4
+    adam_epsilon: float = 1e-8
+    use_8bit_adam: bool = False
+    max_grad_norm: float = 1.0
+    # Coupled to log-probs being a MEAN over latent dimensions (ddpo/logprob.py): with a sum, ratios explode.
+    clip_range: float = 1e-4
+    adv_clip_max: float = 5.0
+    timestep_fraction: float = 1.0
+    cfg: bool = True  # recompute log-probs with classifier-free guidance, as they were sampled
+    rwr_temperature: float = 0.2  # beta in exp(r / beta), on normalised rewards
+    rwr_sparse_quantile: float = 0.9  # rwr_sparse keeps samples with reward >= this quantile
+    per_prompt_stat_tracking: bool = True
+    stat_buffer_size: int = 16
+    stat_min_count: int = 16
+
+
+@dataclass
+class PromptConfig:
+    grammar: str = "shapes"  # a built-in grammar name or a grammar file
+    split: Literal["train", "heldout", "all"] = "train"
+    eval_every: int = 0  # epochs between held-out evaluations; 0 turns them off
+    eval_split: Literal["train", "heldout", "all"] = "heldout"
+    eval_num_prompts: int = 8
+    eval_seed: int = 1234
+
+
+@dataclass
+class RewardConfig:
+    name: str = "jpeg_compressibility"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    executor: Literal["process", "thread", "inline"] = "process"  # process: overlaps sampling, no thread penalty
+    on_nonfinite: Literal["error", "skip"] = "error"
+
+
+@dataclass
+class LoggingConfig:
+    output_dir: str = "runs"
+    run_name: str = ""  # empty: a timestamped name
+    save_every: int = 1  # epochs between checkpoints
+    keep_last: int = 3
+    tensorboard: bool = True
+    wandb: bool = False
+    sample_grid: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def list_presets() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def read_yaml(path_or_preset: str) -> dict[str, Any]:
+    """Read a YAML file, or a preset shipped in `configs/` by name (with or without `.yaml`)."""
+    path = Path(path_or_preset)
+    if path.is_file():
+        text = path.read_text()
+    else:
+        name = path_or_preset.removesuffix(".yaml")
+        preset = resources.files("configs") / f"{name}.yaml"
+        if not preset.is_file():
+            raise ConfigError(f"no config file or preset named {path_or_preset!r}; presets: {', '.join(list_presets())}")
+        text = preset.read_text()
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path_or_preset}: a config file must be a YAML mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["train.learning_rate=1e-4", "seed=3"]` -> nested dict; values are parsed as YAML scalars or lists."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.learning_rate=1e-4)")
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+    return nested
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "kwargs":
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path_or_preset: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- preset or YAML file <- command-line overrides, then validated."""
+    data = read_yaml(path_or_preset or DEFAULT_PRESET)
+    data = merge(data, parse_overrides(overrides or []))
+    config = from_dict(Config, data, where="")
+    validate(config)
+    return config
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Build dataclass `cls` from `data`, rejecting unknown keys and ill-typed values."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key {where}{unknown[0]!r}; valid keys in {where.rstrip('.') or 'the top level'}: "
+                          f"{', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = from_dict(hint, value, where=f"{where}{name}.")
+        else:
+            kwargs[name] = _check_type(f"{where}{name}", value, hint)
+    return cls(**kwargs)
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, args))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(key, value, inner[0])
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_check_type(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is Any or (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        return value
+    raise ConfigError(f"{key} must be of type {hint.__name__}, got {value!r} ({type(value).__name__})")
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(c: Config) -> None:
+    """Cross-field checks, all before any model loads."""
+    s, t, p, lg = c.sample, c.train, c.prompts, c.logging
+    for key, value in [("sample.num_steps", s.num_steps), ("sample.batch_size", s.batch_size),
+                       ("sample.num_batches_per_epoch", s.num_batches_per_epoch), ("train.batch_size", t.batch_size),
+                       ("train.num_epochs", t.num_epochs), ("train.num_inner_epochs", t.num_inner_epochs),
+                       ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
+                       ("logging.save_every", lg.save_every), ("logging.keep_last", lg.keep_last),
+                       ("train.stat_buffer_size", t.stat_buffer_size), ("prompts.eval_num_prompts", p.eval_num_prompts)]:
+        _require(value >= 1, f"{key}={value} must be >= 1")
+    _require(s.eta >= 0, f"sample.eta={s.eta} must be >= 0")
+    _require(s.guidance_scale >= 1.0, f"sample.guidance_scale={s.guidance_scale} must be >= 1 (1 turns guidance off)")
+    if t.algorithm in ("ddpo_is", "ddpo_sf"):
+        _require(s.eta > 0, f"train.algorithm={t.algorithm} needs a stochastic policy: sample.eta={s.eta} makes every "
+                 "DDIM step deterministic (no log-probability). Set sample.eta > 0 (the paper uses 1.0), or use rwr.")
+    if t.algorithm == "ddpo_sf":
+        _require(t.num_inner_epochs == 1, "train.algorithm=ddpo_sf (REINFORCE) is on-policy: set train.num_inner_epochs=1 "
+                 "(use ddpo_is for several inner epochs)")
+    samples = s.batch_size * s.num_batches_per_epoch
+    _require(samples % t.batch_size == 0,
+             f"sample.batch_size * sample.num_batches_per_epoch = {samples} samples per process is not divisible by "
+             f"train.batch_size={t.batch_size}; choose a train.batch_size that divides {samples}")
+    micro_batches = samples // t.batch_size
+    _require(micro_batches % t.gradient_accumulation_steps == 0,
+             f"{micro_batches} micro-batches per process per inner epoch is not divisible by "
+             f"train.gradient_accumulation_steps={t.gradient_accumulation_steps}; choose a divisor of {micro_batches}")
+    _require(0 < t.timestep_fraction <= 1, f"train.timestep_fraction={t.timestep_fraction} must be in (0, 1]")
+    _require(t.clip_range > 0, f"train.clip_range={t.clip_range} must be > 0")
+    _require(t.adv_clip_max > 0, f"train.adv_clip_max={t.adv_clip_max} must be > 0")
+    _require(t.learning_rate > 0, f"train.learning_rate={t.learning_rate} must be > 0")
+    _require(t.max_grad_norm > 0, f"train.max_grad_norm={t.max_grad_norm} must be > 0")
+    _require(t.rwr_temperature > 0, f"train.rwr_temperature={t.rwr_temperature} must be > 0")
+    _require(0 <= t.rwr_sparse_quantile < 1, f"train.rwr_sparse_quantile={t.rwr_sparse_quantile} must be in [0, 1)")
+    _require(t.stat_min_count >= 1, f"train.stat_min_count={t.stat_min_count} must be >= 1")
+    _require(c.model.lora_rank >= 1, f"model.lora_rank={c.model.lora_rank} must be >= 1")
+    _require(p.eval_every >= 0, f"prompts.eval_every={p.eval_every} must be >= 0 (0 turns evaluation off)")
+    _require(bool(c.model.pretrained), "model.pretrained is empty; give a diffusers folder, a hub id, or 'shapes'")
+    _require(bool(c.reward.name), "reward.name is empty; see `ddpo score --help` for the reward names")
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def config_from_file(path: Path) -> Config:
+    """Load a resolved config written by `save_config` (a run folder's or a checkpoint's)."""
+    config = from_dict(Config, yaml.safe_load(path.read_text()) or {}, where="")
+    validate(config)
+    return config

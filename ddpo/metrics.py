@@ -1,0 +1,82 @@
+"""Run outputs a person reads: `metrics.jsonl` (one JSON object per epoch), captioned sample grids, one line per epoch."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Keys every metrics.jsonl row has (outside tools read them).
+REQUIRED_KEYS = ("epoch", "reward_mean", "reward_std", "loss", "approx_kl", "clipfrac",
+                 "samples_per_s", "sample_s", "reward_s", "train_s")
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def append_metrics(path: Path, row: dict[str, Any]) -> None:
+    """Append one row; a resumed run first drops rows of epochs it is about to redo (see `truncate_metrics`)."""
+    missing = [k for k in REQUIRED_KEYS if k not in row]
+    if missing:
+        raise KeyError(f"metrics row lacks {missing}")
+    with open(path, "a") as f:
+        f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+
+
+def truncate_metrics(path: Path, last_epoch: int) -> None:
+    """Keep only rows with epoch <= last_epoch (a resumed run redoes the epochs after its checkpoint)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line)["epoch"] <= last_epoch]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def epoch_line(row: dict[str, Any], num_epochs: int) -> str:
+    def fmt(key: str, spec: str) -> str:
+        value = row.get(key)
+        return "n/a" if value is None else format(value, spec)
+
+    line = (f"epoch {row['epoch'] + 1}/{num_epochs}  reward {fmt('reward_mean', '.4f')} ± {fmt('reward_std', '.4f')}"
+            f"  loss {fmt('loss', '.3g')}  kl {fmt('approx_kl', '.2e')}  clipfrac {fmt('clipfrac', '.3f')}"
+            f"  {fmt('samples_per_s', '.2f')} samples/s (sample {row['sample_s']:.1f}s, reward wait "
+            f"{row['reward_s']:.1f}s, train {row['train_s']:.1f}s)")
+    if row.get("eval_reward_mean") is not None:
+        line += f"  eval reward {row['eval_reward_mean']:.4f}"
+    return line
+
+
+def save_grid(images: np.ndarray, captions: list[str], path: Path, columns: int = 4) -> None:
+    """images: (N, H, W, 3) uint8; each tile gets its caption underneath (wrapped)."""
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    n, height, width, _ = images.shape
+    tile = max(width, 128)
+    font = ImageFont.load_default()
+    chars = max(tile // 6, 10)
+    wrapped = [textwrap.wrap(c, chars)[:4] for c in captions]
+    text_h = 12 * max(len(w) for w in wrapped) + 4
+    rows = math.ceil(n / columns)
+    grid = Image.new("RGB", (columns * tile, rows * (tile + text_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i in range(n):
+        x, y = (i % columns) * tile, (i // columns) * (tile + text_h)
+        grid.paste(Image.fromarray(images[i]).resize((tile, tile), Image.NEAREST), (x, y))
+        for j, line in enumerate(wrapped[i]):
+            draw.text((x + 2, y + tile + 2 + 12 * j), line, fill="black", font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)

@@ -1,0 +1,101 @@
+"""One epoch's data: prompts from the grammar -> trajectories -> rewards (computed while the next batch samples).
+
+Every random draw is seeded from (config seed, epoch, *global* batch index), where global batch
+`b * num_processes + process_index` is this process's b-th batch. So a 2-process run draws exactly the
+samples of a 1-process run with twice the batches, and a resumed run redraws the epoch it lost.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ddpo.reward_pool import RewardPool, check_finite
+from ddpo.sampler import Trajectories, encode_prompts, sample_trajectories
+
+
+class Rollout(NamedTuple):
+    """This process's N samples of one epoch."""
+
+    trajectories: Trajectories  # every field batched over N
+    prompts: list[str]  # N
+    metadata: list[dict[str, Any]]  # N, from the grammar
+    global_index: torch.Tensor  # (N,) long: a sample's index in the epoch across all processes
+    rewards: np.ndarray  # (N,) float32 (NaN/inf only where `valid` is False)
+    valid: np.ndarray  # (N,) bool: False for non-finite rewards skipped by reward.on_nonfinite=skip
+    reward_info: dict[str, list]  # per-sample reward details (captions, sub-scores)
+    sample_s: float  # wall time of the sampling loop
+    reward_s: float  # wall time spent waiting for rewards after sampling ended (what overlap did not hide)
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 32-bit seed from any tuple of ints and strings, stable across runs, processes and machines."""
+    ints = [p if isinstance(p, int) else int.from_bytes(p.encode(), "little") % (2**32) for p in parts]
+    return int(np.random.SeedSequence(ints).generate_state(1)[0])
+
+
+def split_arg(split: str) -> str | None:
+    return None if split == "all" else split
+
+
+def cat_trajectories(parts: list[Trajectories]) -> Trajectories:
+    return Trajectories(*(torch.cat(fields) for fields in zip(*parts)))
+
+
+def collect_rollout(pipe, unet, grammar, reward_pool: RewardPool, config, epoch: int, process_index: int,
+                    num_processes: int, device: torch.device, autocast, progress: bool) -> Rollout:
+    s = config.sample
+    negative = encode_prompts(pipe, [s.negative_prompt], device)
+    batches, futures, texts, metadata, indices = [], [], [], [], []
+    start = time.perf_counter()
+    for b in tqdm(range(s.num_batches_per_epoch), desc=f"epoch {epoch} sampling", leave=False, disable=not progress):
+        global_batch = b * num_processes + process_index
+        prompts = grammar.sample(s.batch_size, seed=derive_seed(config.seed, epoch, global_batch, "prompts"),
+                                 split=split_arg(config.prompts.split))
+        batch_texts, batch_meta = [p.text for p in prompts], [dict(p.metadata) for p in prompts]
+        generator = torch.Generator().manual_seed(derive_seed(config.seed, epoch, global_batch, "noise"))
+        with autocast():
+            trajectories = sample_trajectories(
+                pipe, unet, encode_prompts(pipe, batch_texts, device), negative.expand(s.batch_size, -1, -1),
+                num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta, generator=generator)
+        futures.append(reward_pool.submit(trajectories.images, batch_texts, batch_meta))
+        batches.append(trajectories)
+        texts += batch_texts
+        metadata += batch_meta
+        indices += range(global_batch * s.batch_size, (global_batch + 1) * s.batch_size)
+    sample_s = time.perf_counter() - start
+    results = [f.result() for f in futures]  # a RewardError raised by the reward surfaces here
+    reward_s = time.perf_counter() - start - sample_s
+    rewards = np.concatenate([r.scores for r in results])
+    info = {k: sum((r.info.get(k, [None] * len(r.scores)) for r in results), []) for k in results[0].info}
+    valid = check_finite(rewards, texts, info, config.reward.on_nonfinite)
+    return Rollout(cat_trajectories(batches), texts, metadata, torch.tensor(indices), rewards, valid, info,
+                   sample_s, reward_s)
+
+
+@torch.no_grad()
+def evaluate(pipe, unet, grammar, reward_pool: RewardPool, config, process_index: int, num_processes: int,
+             device: torch.device, autocast) -> np.ndarray:
+    """Rewards of this process's share of the fixed evaluation prompts, sampled deterministically (eta = 0).
+
+    Prompts and initial noise depend only on `prompts.eval_seed`, so every evaluation of a run (and of any
+    run with the same settings) sees the same prompts and noise. Returns (n_local,) float32.
+    """
+    p, s = config.prompts, config.sample
+    prompts = grammar.sample(p.eval_num_prompts, seed=p.eval_seed, split=split_arg(p.eval_split))
+    mine = list(range(process_index, len(prompts), num_processes))
+    if not mine:
+        return np.zeros(0, dtype=np.float32)
+    texts = [prompts[i].text for i in mine]
+    negative = encode_prompts(pipe, [s.negative_prompt], device).expand(len(mine), -1, -1)
+    generator = torch.Generator().manual_seed(derive_seed(p.eval_seed, process_index, "eval-noise"))
+    with autocast():
+        trajectories = sample_trajectories(pipe, unet, encode_prompts(pipe, texts, device), negative,
+                                           num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=0.0,
+                                           generator=generator)
+    result = reward_pool.submit(trajectories.images, texts, [dict(prompts[i].metadata) for i in mine]).result()
+    return result.scores

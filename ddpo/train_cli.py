@@ -1,0 +1,82 @@
+"""`ddpo train [CONFIG] [section.key=value ...] [--resume RUN]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ddpo.config import DEFAULT_PRESET
+
+    parser = argparse.ArgumentParser(
+        prog="ddpo train",
+        description="Finetune a diffusion model with DDPO. With no arguments, runs the offline Shapes-world default "
+                    f"(configs/{DEFAULT_PRESET}.yaml) on this machine.",
+        epilog="Examples:\n  ddpo train\n  ddpo train sd15_aesthetic train.learning_rate=1e-4\n"
+               "  ddpo train my.yaml sample.batch_size=4 logging.run_name=try1\n  ddpo train --resume runs/try1\n"
+               "Multi-GPU: accelerate launch -m ddpo.cli train CONFIG (or torchrun --nproc_per_node N -m ddpo.cli train)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs="?", default=None,
+                        help=f"a preset name (see --list-presets) or a YAML file (default: {DEFAULT_PRESET})")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.num_epochs=10")
+    parser.add_argument("--resume", metavar="RUN", help="continue a run: its folder (runs/NAME) or a checkpoint folder")
+    parser.add_argument("--list-presets", action="store_true", help="list the presets in configs/ and exit")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    from ddpo.config import ConfigError, config_from_file, list_presets, load_config, merge, parse_overrides
+
+    args = build_parser().parse_args(argv)
+    if args.list_presets:
+        print("\n".join(list_presets()))
+        return 0
+    config_arg, overrides = args.config, list(args.overrides)
+    if config_arg and "=" in config_arg:  # `ddpo train seed=3`: an override, not a config file
+        config_arg, overrides = None, [config_arg, *overrides]
+    try:
+        if args.resume:
+            config = _resume_config(args.resume, config_arg, overrides)
+        else:
+            config = load_config(config_arg, overrides)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"ddpo train: config error: {err}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        return 0
+    from ddpo.checkpoint import CheckpointError
+    from ddpo.pipeline import ModelLoadError
+    from ddpo.reward_pool import RewardError
+    from ddpo.trainer import train
+
+    try:
+        run_dir = train(config, resume=args.resume)
+    except (CheckpointError, ModelLoadError, RewardError, FileExistsError, ValueError, ImportError) as err:
+        print(f"ddpo train: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    print(f"done: {run_dir}")
+    return 0
+
+
+def _resume_config(resume: str, config_arg: str | None, overrides: list[str]):
+    """A resumed run keeps its saved config; overrides (e.g. train.num_epochs=20) still apply."""
+    from pathlib import Path
+
+    import yaml
+
+    from ddpo.config import Config, ConfigError, from_dict, merge, parse_overrides, validate
+
+    if config_arg:
+        raise ConfigError("--resume takes the config saved in the run; pass only section.key=value overrides")
+    path = Path(resume)
+    saved = path / "config.yaml" if (path / "config.yaml").is_file() else path.parent.parent / "config.yaml"
+    if not saved.is_file():
+        raise FileNotFoundError(f"{resume} has no config.yaml: pass a run folder (runs/NAME) written by `ddpo train`")
+    config = from_dict(Config, merge(yaml.safe_load(saved.read_text()), parse_overrides(overrides)), where="")
+    validate(config)
+    return config

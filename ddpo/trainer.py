@@ -1,0 +1,229 @@
+"""The DDPO training entry point: accelerate, the epoch loop, checkpoints, metrics.
+
+Per epoch: prompts -> trajectories (ddpo/rollout.py) -> rewards (overlapped) -> advantages
+(ddpo/advantages.py) -> policy update (ddpo/update.py) -> metrics and a checkpoint. This is the only
+module of the trainer that knows about accelerate, trackers and the filesystem.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ddpo import checkpoint as ckpt
+from ddpo.advantages import PerPromptStatTracker, batch_advantages
+from ddpo.config import Config, save_config
+from ddpo.metrics import append_metrics, epoch_line, save_grid, truncate_metrics
+from ddpo.pipeline import load_pipeline, load_trained_weights, prepare_unet, save_trained_weights
+from ddpo.reward_pool import RewardPool
+from ddpo.rollout import Rollout, collect_rollout, evaluate
+from ddpo.update import epoch_weights, policy_update
+
+logger = logging.getLogger("ddpo")
+
+
+def make_accelerator(config: Config, run_dir: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    trackers = [name for name, on in (("tensorboard", config.logging.tensorboard), ("wandb", config.logging.wandb)) if on]
+    accelerator = Accelerator(mixed_precision=config.model.mixed_precision, log_with=trackers or None,
+                              cpu=not torch.cuda.is_available(),
+                              project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)))
+    if config.model.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return accelerator
+
+
+def resolve_run_dir(config: Config, resume: str | None) -> Path:
+    """The run folder: the resumed one, or output_dir/run_name (timestamped if empty), refusing to overwrite."""
+    if resume:
+        path = Path(resume)
+        return path.parent.parent if path.parent.name == "checkpoints" else path
+    name = config.logging.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(config.logging.output_dir) / name
+    if ckpt.list_checkpoints(run_dir):
+        raise FileExistsError(f"{run_dir} already has checkpoints; continue it with `ddpo train --resume {run_dir}` "
+                              "or choose another logging.run_name")
+    return run_dir
+
+
+def build_policy(config: Config, device: torch.device):
+    """Pipeline on `device`, frozen parts in the inference dtype, trainable UNet params (LoRA or all) in fp32."""
+    m = config.model
+    pipe = load_pipeline(m.pretrained, m.revision)
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[m.mixed_precision]
+    frozen = dtype if dtype != torch.float32 else None  # casting to float32 is a no-op that diffusers warns about
+    pipe.vae.to(device, dtype=frozen).requires_grad_(False)
+    pipe.text_encoder.to(device, dtype=frozen).requires_grad_(False)
+    pipe.unet.to(device, dtype=frozen if m.use_lora else None)
+    torch.manual_seed(config.seed)  # identical LoRA initialisation on every process
+    params = prepare_unet(pipe.unet, use_lora=m.use_lora, rank=m.lora_rank, alpha=m.lora_alpha,
+                          target_modules=m.lora_target_modules, gradient_checkpointing=m.gradient_checkpointing,
+                          attention=m.attention)
+    for p in params:
+        p.data = p.data.float()
+    return pipe, params
+
+
+def make_optimizer(config: Config, params: list) -> torch.optim.Optimizer:
+    t = config.train
+    optimizer_cls = torch.optim.AdamW
+    if t.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ImportError("train.use_8bit_adam=true needs bitsandbytes: pip install bitsandbytes "
+                              "(or pip install 'ddpo[bnb]')") from None
+        optimizer_cls = bnb.optim.AdamW8bit
+    return optimizer_cls(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                         weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
+
+
+def compute_weights(accelerator, rollout: Rollout, tracker: PerPromptStatTracker | None, config: Config):
+    """Gather every process's rewards, normalise them into advantages, return (this process's weights (N,), stats)."""
+    from accelerate.utils import gather_object
+
+    index = gather_object(rollout.global_index.tolist())
+    prompts = gather_object(rollout.prompts)
+    rewards = np.asarray(gather_object(rollout.rewards.tolist()), dtype=np.float32)
+    valid = np.asarray(gather_object(rollout.valid.tolist()), dtype=bool)
+    order = np.argsort(index)  # canonical order: the same for any number of processes
+    prompts, rewards, valid = [prompts[i] for i in order], rewards[order], valid[order]
+    kept = [p for p, v in zip(prompts, valid) if v]
+    advantages = np.zeros_like(rewards)
+    if valid.any():
+        advantages[valid] = (tracker.update(kept, rewards[valid]) if tracker is not None
+                             else batch_advantages(rewards[valid]))
+    t = config.train
+    weights = epoch_weights(t.algorithm, advantages, valid, t.rwr_temperature, t.rwr_sparse_quantile)
+    position = {g: i for i, g in enumerate(np.asarray(index)[order])}
+    local = torch.tensor([weights[position[int(g)]] for g in rollout.global_index], device=accelerator.device)
+    stats = {"reward_mean": float(rewards[valid].mean()) if valid.any() else None,
+             "reward_std": float(rewards[valid].std()) if valid.any() else None,
+             "num_samples": int(len(rewards)), "num_skipped": int((~valid).sum())}
+    return local, stats
+
+
+def train(config: Config, resume: str | None = None) -> Path:
+    """Run DDPO as configured; returns the run folder. `resume`: a run folder or a checkpoint folder."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    PartialState(cpu=not torch.cuda.is_available())  # join the process group before agreeing on the run folder
+    run_dir = Path(broadcast_object_list([str(resolve_run_dir(config, resume))])[0])
+    resume_from = ckpt.find_checkpoint(Path(resume)) if resume else None
+    if resume_from is not None:
+        ckpt.check_compatible(resume_from, config)
+    accelerator = make_accelerator(config, run_dir)
+    is_main, progress = accelerator.is_main_process, config.logging.progress and accelerator.is_main_process
+    from prompts import load_grammar
+
+    grammar = load_grammar(config.prompts.grammar)  # grammar and reward errors surface before the model loads
+    reward_pool = RewardPool(config.reward.name, config.reward.kwargs, config.reward.executor)
+    try:
+        pipe, params = build_policy(config, accelerator.device)
+        optimizer = make_optimizer(config, params)
+        unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+        tracker = (PerPromptStatTracker(config.train.stat_buffer_size, config.train.stat_min_count)
+                   if config.train.per_prompt_stat_tracking else None)
+        start_epoch = _restore(resume_from, accelerator, unet, optimizer, tracker, config) if resume_from else 0
+        if is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, run_dir / "config.yaml")
+            truncate_metrics(run_dir / "metrics.jsonl", start_epoch - 1)
+            accelerator.init_trackers("ddpo", config=_flat(config.to_dict()))
+        for epoch in range(start_epoch, config.train.num_epochs):
+            row = _run_epoch(config, epoch, pipe, unet, optimizer, accelerator, params, grammar, reward_pool,
+                             tracker, run_dir, progress)
+            if is_main:
+                append_metrics(run_dir / "metrics.jsonl", row)
+                accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch)
+                print(epoch_line(row, config.train.num_epochs), flush=True)
+            if (epoch + 1) % config.logging.save_every == 0 or epoch + 1 == config.train.num_epochs:
+                _save(run_dir, epoch, accelerator, unet, optimizer, tracker, config)
+        accelerator.end_training()
+    finally:
+        reward_pool.close()
+    return run_dir
+
+
+def _run_epoch(config, epoch, pipe, unet, optimizer, accelerator, params, grammar, reward_pool, tracker,
+               run_dir: Path, progress: bool) -> dict[str, Any]:
+    start = time.perf_counter()
+    policy = accelerator.unwrap_model(unet)  # sampling needs no DDP (and must not broadcast buffers)
+    policy.eval()
+    rollout = collect_rollout(pipe, policy, grammar, reward_pool, config, epoch, accelerator.process_index,
+                              accelerator.num_processes, accelerator.device, accelerator.autocast, progress)
+    weights, stats = compute_weights(accelerator, rollout, tracker, config)
+    if accelerator.is_main_process and config.logging.sample_grid:
+        _save_grid(rollout, run_dir / "samples" / f"epoch_{epoch:04d}.png")
+    train_start = time.perf_counter()
+    unet.train()
+    losses = policy_update(unet, pipe.scheduler, optimizer, accelerator, params, rollout, weights, config, epoch,
+                           progress)
+    train_s = time.perf_counter() - train_start
+    row = {"epoch": epoch, **stats, **losses, "sample_s": rollout.sample_s, "reward_s": rollout.reward_s,
+           "train_s": train_s}
+    p = config.prompts
+    if p.eval_every and (epoch + 1) % p.eval_every == 0:
+        from accelerate.utils import gather_object
+
+        policy.eval()
+        scores = evaluate(pipe, policy, grammar, reward_pool, config, accelerator.process_index,
+                          accelerator.num_processes, accelerator.device, accelerator.autocast)
+        row["eval_reward_mean"] = float(np.mean(gather_object(scores.tolist())))
+    row["epoch_s"] = time.perf_counter() - start
+    row["samples_per_s"] = stats["num_samples"] / row["epoch_s"]
+    return row
+
+
+def _save_grid(rollout: Rollout, path: Path, max_images: int = 16) -> None:
+    n = min(max_images, len(rollout.prompts))
+    images = (rollout.trajectories.images[:n].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    captions = [f"{rollout.prompts[i]} | r={rollout.rewards[i]:.3f}" for i in range(n)]
+    save_grid(images, captions, path)
+
+
+def _save(run_dir, epoch, accelerator, unet, optimizer, tracker, config) -> None:
+    """Every process enters (the reference DDPO hung when only one did); the main process writes."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {"epoch": epoch, "num_processes": accelerator.num_processes, "rng": ckpt.rng_state(),
+                 "stat_tracker": tracker.state_dict() if tracker is not None else None}
+        policy = accelerator.unwrap_model(unet)
+        ckpt.write_checkpoint(run_dir, epoch,
+                              weights_writer=lambda folder: save_trained_weights(policy, folder, config.model.use_lora),
+                              optimizer_state=optimizer.state_dict(), trainer_state=state, config=config,
+                              keep_last=config.logging.keep_last)
+    accelerator.wait_for_everyone()
+
+
+def _restore(folder: Path, accelerator, unet, optimizer, tracker, config) -> int:
+    """Load a verified checkpoint into the prepared model and optimizer; returns the epoch to start at."""
+    state = ckpt.read_trainer_state(folder)
+    load_trained_weights(accelerator.unwrap_model(unet), folder, config.model.use_lora)
+    optimizer.load_state_dict(ckpt.read_optimizer_state(folder))
+    if tracker is not None and state.get("stat_tracker"):
+        tracker.load_state_dict(state["stat_tracker"])
+    ckpt.set_rng_state(state["rng"])
+    logger.info("resumed from %s (epoch %d done)", folder, state["epoch"])
+    return state["epoch"] + 1
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested config -> flat {"train.learning_rate": 3e-4} with values TensorBoard's hparams accept."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
