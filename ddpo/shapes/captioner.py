@@ -1,0 +1,122 @@
+"""The Shapes captioner: the VLM's stand-in for the `vlm_bertscore` reward.
+
+A small CNN reads a 64x64 image and answers in the world's phrasing, "a {color} {shape} on a {background}
+background", whatever the question. It follows the captioner protocol of rewards/captioners.py:
+
+    captioner = ShapesCaptioner()                       # the shipped weights, verified against the manifest
+    captioner.caption(images, "What is in this image?") # -> ["a red circle on a blue background", ...]
+    captioner.unscorable_reason("a pink dolphin")        # -> "... outside the Shapes world's vocabulary ..."
+
+It is trained on rendered images and their VAE reconstructions, so it also reads generated images. Accuracy
+numbers in the docs come from the rule-based evaluator (ddpo.shapes.evaluator), never from this model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ddpo.shapes.world import COLORS, IMAGE_SIZE, SHAPES, VOCABULARY, caption, parse_caption
+
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+
+
+class CaptionerNet(nn.Module):
+    """(B, 3, 64, 64) in [-1, 1] -> logits (B, 8) colour, (B, 3) shape, (B, 8) background."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.width = width
+
+        def block(c_in: int, c_out: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GroupNorm(4, c_out), nn.SiLU(),
+                                 nn.Conv2d(c_out, c_out, 3, padding=1), nn.SiLU())
+
+        self.features = nn.Sequential(block(3, width // 2), block(width // 2, width), block(width, width),
+                                      block(width, width))  # 64 -> 32 -> 16 -> 8 -> 4
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(width * 16, 128), nn.SiLU())
+        self.color = nn.Linear(128, len(COLORS))
+        self.shape = nn.Linear(128, len(SHAPES))
+        self.background = nn.Linear(128, len(COLORS))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = self.head(self.features(x))
+        return self.color(h), self.shape(h), self.background(h)
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CONFIG_NAME).write_text(json.dumps({"class": "CaptionerNet", "width": self.width,
+                                                      "colors": COLORS, "shapes": SHAPES}, indent=1))
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / WEIGHTS_NAME))
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "CaptionerNet":
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        config = json.loads((folder / CONFIG_NAME).read_text())
+        if config.get("colors") != COLORS or config.get("shapes") != SHAPES:
+            raise ValueError(f"captioner in {folder} was trained for another world (colours/shapes differ)")
+        net = cls(width=config["width"])
+        net.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
+        return net.eval()
+
+
+def images_to_input(images01: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 64, 64) in [0, 1] -> the network's input range [-1, 1]."""
+    if images01.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
+        images01 = nn.functional.interpolate(images01, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear",
+                                             antialias=True, align_corners=False)
+    return images01 * 2 - 1
+
+
+def pil_to_tensor(images: list) -> torch.Tensor:
+    """RGB PIL images -> float (B, 3, H, W) in [0, 1] (resized to 64x64)."""
+    import numpy as np
+    from PIL import Image
+
+    arrays = [np.asarray(im.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)) for im in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+
+
+class ShapesCaptioner:
+    """Captioner protocol (rewards/captioners.py) for the Shapes world. `path`: a captioner folder, or the shipped one."""
+
+    def __init__(self, path: str | Path | None = None, device: str = "cpu", batch_size: int = 256):
+        from ddpo.shapes import captioner_path
+
+        self.path = Path(path) if path is not None else captioner_path()
+        self.net = CaptionerNet.from_pretrained(self.path).to(device).requires_grad_(False)
+        self.device, self.batch_size = device, batch_size
+
+    @torch.no_grad()
+    def predict(self, images01: torch.Tensor) -> list[tuple[str, str, str]]:
+        """(B, 3, H, W) in [0, 1] -> (color, shape, background) per image."""
+        out = []
+        for start in range(0, len(images01), self.batch_size):
+            x = images_to_input(images01[start:start + self.batch_size].to(self.device).float())
+            color, shape, background = self.net(x)
+            # The world never paints a shape on its own colour: take the best background among the others.
+            background = background.scatter(1, color.argmax(1, keepdim=True), float("-inf"))
+            out += [(COLORS[c], SHAPES[s], COLORS[b]) for c, s, b in
+                    zip(color.argmax(1).tolist(), shape.argmax(1).tolist(), background.argmax(1).tolist())]
+        return out
+
+    def caption(self, images: list, question: str = "") -> list[str]:
+        """RGB PIL images -> captions in the world's phrasing. The question is ignored: there is one thing to say."""
+        return [caption(*p) for p in self.predict(pil_to_tensor(images))] if images else []
+
+    def unscorable_reason(self, prompt: str) -> str | None:
+        """None for a sentence of the Shapes world; otherwise why its captions cannot be compared with it."""
+        if parse_caption(prompt) is not None:
+            return None
+        unknown = sorted({w for w in prompt.lower().rstrip(".").split() if w not in VOCABULARY})
+        detail = f"unknown words {unknown}" if unknown else "not of the form 'a {color} {shape} on a {background} background'"
+        return f"prompt {prompt!r} is outside the Shapes world's vocabulary ({detail}); the Shapes captioner cannot score it"
