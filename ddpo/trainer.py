@@ -60,10 +60,11 @@ def build_policy(config: Config, device: torch.device):
     m = config.model
     pipe = load_pipeline(m.pretrained, m.revision)
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[m.mixed_precision]
-    frozen = dtype if dtype != torch.float32 else None  # casting to float32 is a no-op that diffusers warns about
-    pipe.vae.to(device, dtype=frozen).requires_grad_(False)
-    pipe.text_encoder.to(device, dtype=frozen).requires_grad_(False)
-    pipe.unet.to(device, dtype=frozen if m.use_lora else None)
+    # Only cast when needed: diffusers warns on any .to(dtype=...), even a no-op float32 one.
+    frozen = {} if dtype == torch.float32 else {"dtype": dtype}
+    pipe.vae.to(device, **frozen).requires_grad_(False)
+    pipe.text_encoder.to(device, **frozen).requires_grad_(False)
+    pipe.unet.to(device, **(frozen if m.use_lora else {}))
     torch.manual_seed(config.seed)  # identical LoRA initialisation on every process
     params = prepare_unet(pipe.unet, use_lora=m.use_lora, rank=m.lora_rank, alpha=m.lora_alpha,
                           target_modules=m.lora_target_modules, gradient_checkpointing=m.gradient_checkpointing,
