@@ -1,0 +1,169 @@
+"""The reward server (round trip, auth, limits, errors), the `remote` reward's retries, and the CLIs."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from rewards import build_reward
+from rewards.http import HTTPError
+from rewards.server import make_server
+
+rng = np.random.default_rng(0)
+IMAGES = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)), Image.new("RGB", (20, 30), "white")]
+PROMPTS = ["noise", "a white page"]
+FAST = {"retries": 2, "backoff": 0.01}
+
+
+def flaky_reward():
+    """Raises on the prompt "boom", NaN on the prompt "nan", else the prompt's length."""
+    def reward(images, prompts, metadata):
+        if "boom" in prompts:
+            raise RuntimeError("exploded")
+        return np.array([np.nan if p == "nan" else len(p) for p in prompts]), {"meta": metadata}
+    return reward
+
+
+class Served:
+    def __init__(self, reward_name: str, port: int = 0, **kwargs):
+        self.server = make_server(build_reward(reward_name), reward_name, port=port, **kwargs)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_round_trip_matches_local_scores():
+    local, local_info = build_reward("jpeg_incompressibility")(IMAGES, PROMPTS, None)
+    with Served("jpeg_incompressibility") as served:
+        assert served.server.server_address[0] == "127.0.0.1"
+        remote, info = build_reward("remote", url=served.url, **FAST)(IMAGES, PROMPTS, None)
+        health = requests.get(served.url + "/health", timeout=5).json()
+    np.testing.assert_allclose(remote, local)  # PNG is lossless, so the JPEG sizes are identical
+    assert info["jpeg_kb"] == pytest.approx(local_info["jpeg_kb"]) and health["reward"] == "jpeg_incompressibility"
+
+
+def test_nan_metadata_and_reward_errors_cross_the_wire():
+    with Served("test_rewards_server:flaky_reward") as served:
+        remote = build_reward("remote", url=served.url, **FAST)
+        scores, info = remote(IMAGES, ["abc", "nan"], [{"colour": "red"}, {"n": 2}])
+        assert scores[0] == 3 and np.isnan(scores[1]) and "'nan'" in info["unscorable"][1]
+        assert info["meta"] == [{"colour": "red"}, {"n": 2}]
+        with pytest.raises(HTTPError, match="HTTP 500.*exploded"):
+            remote(IMAGES, ["boom", "x"], None)
+        assert remote(IMAGES, ["ab", "c"], None)[0].tolist() == [2, 1]  # still serving
+
+
+def test_bearer_token(monkeypatch):
+    with Served("jpeg_compressibility", token="s3cret") as served:
+        with pytest.raises(HTTPError, match="HTTP 401"):
+            build_reward("remote", url=served.url, **FAST)(IMAGES, PROMPTS, None)
+        monkeypatch.setenv("MY_TOKEN", "wrong")
+        with pytest.raises(HTTPError, match="HTTP 401"):
+            build_reward("remote", url=served.url, token_env="MY_TOKEN", **FAST)(IMAGES, PROMPTS, None)
+        monkeypatch.setenv("MY_TOKEN", "s3cret")
+        scores, _ = build_reward("remote", url=served.url, token_env="MY_TOKEN", **FAST)(IMAGES, PROMPTS, None)
+        assert scores.shape == (2,)
+        assert requests.get(served.url + "/health", timeout=5).status_code == 401
+
+
+def test_size_batch_and_format_limits():
+    with Served("jpeg_compressibility", max_request_bytes=2000, max_batch=2) as served:
+        with pytest.raises(HTTPError, match="HTTP 413.*above the limit of 2000 bytes"):
+            build_reward("remote", url=served.url, **FAST)(IMAGES, PROMPTS, None)  # the noise PNG is ~3 kB
+        small = [Image.new("RGB", (8, 8))] * 3
+        with pytest.raises(HTTPError, match="HTTP 413.*limit of 2"):
+            build_reward("remote", url=served.url, **FAST)(small, ["a"] * 3, None)
+        bad = requests.post(served.url + "/score", json={"images": ["not base64!"], "prompts": ["a"]}, timeout=5)
+        assert bad.status_code == 400 and "base64" in bad.json()["error"]
+        pickle_like = requests.post(served.url + "/score", data=b"\x80\x04\x95", timeout=5)
+        assert pickle_like.status_code == 400 and "not JSON" in pickle_like.json()["error"]
+
+
+def test_remote_fails_clearly_when_server_is_down():
+    start = time.monotonic()
+    with pytest.raises(HTTPError, match="failed after 3 attempts.*cannot connect"):
+        build_reward("remote", url=f"http://127.0.0.1:{_free_port()}", timeout=2, **FAST)(IMAGES, PROMPTS, None)
+    assert time.monotonic() - start < 10  # a clear error, never a hang
+
+
+def test_remote_survives_a_server_restart():
+    port = _free_port()
+    holder = {}
+
+    def start_late():
+        time.sleep(0.3)
+        holder["served"] = Served("jpeg_compressibility", port=port)
+
+    thread = threading.Thread(target=start_late)
+    thread.start()
+    try:
+        scores, _ = build_reward("remote", url=f"http://127.0.0.1:{port}", retries=6, backoff=0.1)(IMAGES, PROMPTS, None)
+    finally:
+        thread.join()
+        holder["served"].__exit__()
+    assert scores.shape == (2,) and scores[0] < scores[1]
+
+
+def test_serve_reward_cli_end_to_end():
+    code = "import sys; from rewards.cli import serve_main; sys.exit(serve_main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, "--reward", "jpeg_incompressibility", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "on http://127.0.0.1:" in line, line
+        url = line.split(" on ")[1].split()[0]
+        scores, _ = build_reward("remote", url=url, **FAST)(IMAGES, PROMPTS, None)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    np.testing.assert_allclose(scores, build_reward("jpeg_incompressibility")(IMAGES, PROMPTS, None)[0])
+
+
+def test_score_cli_prints_one_row_per_image(tmp_path, capsys):
+    from rewards.cli import score_main
+
+    paths = []
+    for i, image in enumerate(IMAGES):
+        paths.append(str(tmp_path / f"img{i}.png"))
+        image.save(paths[-1])
+    kb = build_reward("jpeg_incompressibility")(IMAGES, PROMPTS, None)[0]
+    assert score_main(["--reward", "jpeg_compressibility,jpeg_incompressibility", "--prompt", "x"] + paths) == 0
+    header, *rows = capsys.readouterr().out.strip().splitlines()
+    assert header.split() == ["image", "jpeg_compressibility", "jpeg_incompressibility"]
+    assert len(rows) == 2 and rows[0].split() == [paths[0], f"{-kb[0]:.4f}", f"{kb[0]:.4f}"]
+
+    kwargs = json.dumps({"vlm_bertscore": {"captioner": "test_rewards_alignment:FakeCaptioner"}})
+    assert score_main(["--reward", "vlm_bertscore", "--prompt", "a red square", "--kwargs", kwargs, "--json"]
+                      + paths) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    from test_rewards_alignment import FakeCaptioner
+
+    assert [line["vlm_bertscore:caption"] for line in lines] == FakeCaptioner().caption(IMAGES, "")
+    assert [line["image"] for line in lines] == paths and all(0 <= line["vlm_bertscore"] <= 1 for line in lines)
+
+    assert score_main(["--reward", "nope", paths[0]]) == 1
+    assert "unknown reward 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        score_main(["--reward", "jpeg_compressibility", str(tmp_path / "missing.png")])
+    assert "cannot read image" in capsys.readouterr().err
