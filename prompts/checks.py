@@ -111,6 +111,28 @@ def _check_termination(spec: GrammarSpec) -> None:
                                "add an alternative that does not refer to these rules", rule.file, rule.line, rule.name)
 
 
+def _check_expected_size(spec: GrammarSpec, cycle: list[str]) -> None:
+    """A recursive grammar must shrink on average: the mean number of rule uses that one use of a rule
+    leads to (a branching process) must have spectral radius below 1, or sampling may never stop."""
+    import numpy as np  # only recursive grammars pay for the import
+
+    names = reachable_rules(spec)
+    index = {name: i for i, name in enumerate(names)}
+    mean = np.zeros((len(names), len(names)))
+    for name in names:
+        alternatives = spec.rules[name].alternatives
+        total = sum(alt.weight for alt in alternatives)
+        for alt in alternatives:
+            for ref in refs(alt.parts):
+                mean[index[name], index[ref.rule]] += alt.weight / total
+    radius = float(max(abs(np.linalg.eigvals(mean))))
+    if radius >= 0.999:
+        rule = spec.rules[cycle[0]]
+        raise GrammarError(f"the recursion {' -> '.join(cycle)} would grow without end: on average each use leads "
+                           f"to {radius:.2f} more (it must be below 1); give the alternatives that end the "
+                           "recursion more weight", rule.file, rule.line, rule.name)
+
+
 def metadata_keys(spec: GrammarSpec) -> list[str]:
     """The keys a prompt's metadata can have (a rule used twice in one prompt also gives `rule#2`, ...)."""
     rules = [name for name in reachable_rules(spec) if name != spec.start and spec.rules[name].recorded]
@@ -141,6 +163,9 @@ def check_spec(spec: GrammarSpec) -> None:
     for rule in spec.rules.values():
         _check_rule(spec, rule)
     _check_termination(spec)
+    cycle = recursive_cycle(spec)
+    if cycle is not None:
+        _check_expected_size(spec, cycle)
     for template in spec.metadata.values():
         for ref in template_refs(template):
             _check_ref(spec, ref, spec.file, template.line, template.key)

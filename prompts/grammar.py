@@ -20,9 +20,9 @@ from prompts.checks import metadata_keys, recursive_cycle, template_refs
 from prompts.spec import Alternative, GrammarError, GrammarSpec, Ref
 
 SPLITS = (None, "train", "heldout")
-MAX_DEPTH = 64  # a deeper derivation means a recursive alternative outweighs its way out
+MAX_DEPTH = 200  # a last guard: loading already refuses recursions that grow on average
 MAX_TRIES = 10_000  # rejected draws (constraints, split) allowed per sampled prompt
-MAX_ENUMERATE = 2_000_000
+MAX_ENUMERATE = 1_000_000  # enumerated prompts are cached, so this bounds memory too
 
 # One step of a derivation: (rule name, the text it produced, the alternative it took).
 Event = tuple[str, str, Alternative]
@@ -31,6 +31,10 @@ Event = tuple[str, str, Alternative]
 class Prompt(NamedTuple):
     text: str
     metadata: dict[str, Any]
+
+
+def _copy(metadata: dict[str, Any]) -> dict[str, Any]:
+    return {key: list(value) if isinstance(value, list) else value for key, value in metadata.items()}
 
 
 def _fill(parts: tuple, first: dict[str, tuple[str, Alternative]]) -> Any:
@@ -56,6 +60,7 @@ class Grammar:
         self.metadata_keys = metadata_keys(spec)
         self._cycle = recursive_cycle(spec)
         self._heldout_cache: frozenset[str] | None = None
+        self._enumerated: list[Prompt] | None = None  # every allowed prompt, once enumerated
         self._cumulative = {name: list(accumulate(alt.weight for alt in rule.alternatives))
                             for name, rule in spec.rules.items()}
 
@@ -83,7 +88,8 @@ class Grammar:
         by = f"values of ({', '.join(heldout.by)})" if heldout.by else "prompts"
         if not self.is_finite:
             return lead + f"Held out: about {heldout.fraction:.0%} of the {by}, chosen by a hash with seed {heldout.seed}."
-        total = len({self._split_key(p) for p in self.enumerate()})
+        self.enumerate()  # fills self._enumerated
+        total = len({self._split_key(p) for p in self._enumerated})
         return lead + (f"Held out: {len(self._heldout_keys())} of the {total} {by} (fraction {heldout.fraction:g}), "
                        f"chosen by a hash with seed {heldout.seed}.")
 
@@ -145,12 +151,16 @@ class Grammar:
         if self._cycle is not None:
             raise GrammarError(f"the grammar is infinite (recursion {' -> '.join(self._cycle)}), so it cannot be "
                                "enumerated or counted; use sample()", self.spec.file, None, self.name)
-        derivations = self._all(self.spec.start, {})
-        prompts = (self._prompt(text, list(events)) for text, _alt, events in derivations)
-        return [p for p in prompts if self._allowed(p.metadata) and self._in_split(p, split)]
+        if self._enumerated is None:
+            derivations = self._all(self.spec.start, {})
+            prompts = (self._prompt(text, list(events)) for text, _alt, events in derivations)
+            self._enumerated = [p for p in prompts if self._allowed(p.metadata)]
+        # Copies, so that a caller editing a prompt's metadata cannot change this grammar's cache.
+        return [Prompt(p.text, _copy(p.metadata)) for p in self._enumerated if self._in_split(p, split)]
 
     def count(self, split: str | None = None) -> int:
-        return len(self.enumerate(split))
+        self.enumerate(split=None)  # fills the cache, or raises for an infinite grammar
+        return sum(self._in_split(p, split) for p in self._enumerated)
 
     def _all(self, name: str, cache: dict) -> list[tuple[str, Alternative, tuple]]:
         """Every (text, alternative, events) derivation of rule `name`; memoised per rule."""
@@ -172,6 +182,9 @@ class Grammar:
             for pieces, events in partial:
                 text = finish_text("".join(pieces))
                 derivations.append((text, alt, ((name, text, alt),) + events))
+            if len(derivations) > MAX_ENUMERATE:
+                raise GrammarError(f"more than {MAX_ENUMERATE} prompts: too many to enumerate; use sample()",
+                                   alt.file, alt.line, name)
         cache[name] = derivations
         return derivations
 
@@ -227,7 +240,8 @@ class Grammar:
         key across the line, so the held-out prompts of a grammar barely change as it grows.
         """
         if self._heldout_cache is None:
-            keys = sorted({self._split_key(p) for p in self.enumerate()}, key=lambda k: (self._key_hash(k), k))
+            self.enumerate()  # fills self._enumerated
+            keys = sorted({self._split_key(p) for p in self._enumerated}, key=lambda k: (self._key_hash(k), k))
             size = min(max(round(self.spec.heldout.fraction * len(keys)), 1), max(len(keys) - 1, 0))
             self._heldout_cache = frozenset(keys[:size])
         return self._heldout_cache

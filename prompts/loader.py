@@ -64,10 +64,10 @@ class _Reader:
             items.append((key, key_node, value_node))
         return items
 
-    def known_keys(self, items: list, allowed: tuple[str, ...], what: str, name: str | None = None) -> None:
+    def known_keys(self, items: list, allowed: tuple[str, ...], what: str) -> None:
         for key, key_node, _ in items:
             if key not in allowed:
-                raise self.error(f"unknown key {key!r} in {what}; valid keys: {', '.join(allowed)}", key_node, name)
+                raise self.error(f"unknown key {key!r} in {what}; valid keys: {', '.join(allowed)}", key_node, key)
 
     def string(self, node: yaml.Node, what: str, name: str | None = None) -> str:
         if not isinstance(node, yaml.ScalarNode) or node.tag == "tag:yaml.org,2002:null":
@@ -90,8 +90,8 @@ class _Reader:
 
 def check_weight(weight: Any, file: str, line: int, name: str) -> float:
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
-        raise GrammarError(f"weight must be a positive number, got {weight!r}; remove the alternative "
-                           "instead of giving it weight 0", file, line, name)
+        hint = "; remove the alternative instead of giving it weight 0" if weight == 0 else ""
+        raise GrammarError(f"weight must be a positive number, got {weight!r}{hint}", file, line, name)
     return float(weight)
 
 
@@ -152,7 +152,7 @@ def _rule(reader: _Reader, name: str, key_node: yaml.Node, node: yaml.Node) -> R
         alternatives = [_alternative(reader, item, name) for item in node.value]
     elif isinstance(node, yaml.MappingNode):
         items = reader.mapping(node, f"rule {name!r}", name)
-        reader.known_keys(items, RULE_KEYS, f"rule {name!r}", name)
+        reader.known_keys(items, RULE_KEYS, f"rule {name!r}")
         parts = {key: (key_node_, value) for key, key_node_, value in items}
         fields = reader.names(parts["fields"][1], "`fields`", name) if "fields" in parts else []
         alternatives = []
