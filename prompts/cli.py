@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", help="a grammar file path (or a built-in name)")
     check.add_argument("--tokenizer", default=None,
                        help="a local tokenizer folder, or a diffusers pipeline folder, to find prompts over its limit")
+    check.add_argument("--max-tokens", type=int, default=None,
+                       help="the text encoder's limit (default: the tokenizer's model_max_length, 77 for CLIP)")
     return parser
 
 
@@ -94,7 +96,7 @@ def _check(args: argparse.Namespace) -> int:
     if args.tokenizer:
         with warnings.catch_warnings(record=True):
             warnings.simplefilter("always")
-            too_long = check_prompt_lengths(prompts, _load_tokenizer(args.tokenizer))
+            too_long = check_prompt_lengths(prompts, _load_tokenizer(args.tokenizer), max_length=args.max_tokens)
         for text, n_tokens in too_long[:10]:
             findings.append(f"{n_tokens} tokens, over the text encoder's limit: {text!r}")
         if len(too_long) > 10:
@@ -115,6 +117,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sample":
             return _sample(args)
         return _check(args)
-    except GrammarError as exc:
+    except (GrammarError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -23,7 +23,7 @@ def check_prompt_lengths(prompts: Iterable[Any], tokenizer: Any, max_length: int
     """
     limit = max_length if max_length is not None else getattr(tokenizer, "model_max_length", None)
     if not isinstance(limit, int) or not 0 < limit < 1_000_000:
-        raise ValueError(f"the tokenizer gives no usable model_max_length ({limit!r}); pass max_length=77 for CLIP")
+        raise ValueError(f"the tokenizer gives no usable model_max_length ({limit!r}); pass max_length=77 for CLIP (`--max-tokens 77` on the command line)")
     texts = list(dict.fromkeys(p if isinstance(p, str) else p.text for p in prompts))
     if not texts:
         return []
