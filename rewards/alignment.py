@@ -51,12 +51,15 @@ def get_bertscorer(model: str, num_layers: int | None, device: str, batch_size: 
 class VLMBertScoreReward:
     def __init__(self, captioner: str = "llava", captioner_kwargs: dict | None = None,
                  question: str = "What is happening in this image?", reference_template: str = "{prompt}",
-                 bertscore_model: str | None = None, num_layers: int | None = 6, metric: str = "recall",
+                 bertscore_model: str | None = None, num_layers: int | None = None, metric: str = "recall",
                  caption_retries: int = 2, device: str = "cpu", batch_size: int = 64):
         if metric not in METRICS:
             raise ValueError(f"vlm_bertscore metric={metric!r}; choose one of {METRICS} (the paper used recall)")
-        if bertscore_model is None and num_layers != 6:
-            raise ValueError("the default BERTScore model all-MiniLM-L6-v2 has 6 layers; num_layers must be 6")
+        if bertscore_model is None and num_layers not in (None, 6):
+            raise ValueError("the default BERTScore model all-MiniLM-L6-v2 has 6 layers; leave num_layers unset")
+        # None: 6 for the default MiniLM, else bert_score's own table (40 for microsoft/deberta-xlarge-mnli);
+        # a local path other than the default needs an explicit num_layers.
+        num_layers = 6 if bertscore_model is None else num_layers
         self.captioner_name, self.captioner_kwargs = captioner, dict(captioner_kwargs or {})
         self.question, self.reference_template, self.metric = question, reference_template, metric
         self.bertscore_model, self.num_layers = bertscore_model, num_layers

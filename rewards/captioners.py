@@ -78,7 +78,8 @@ class _TransformersCaptioner:
         except OSError as err:
             raise FileNotFoundError(
                 f"captioner model {self.model_name!r} not found ({err}). Download it "
-                f"(`huggingface-cli download {self.default_model}`) or pass model=/local/folder") from None
+                f"(`huggingface-cli download {self.default_model}`) or pass model=/local/folder "
+                "(for vlm_bertscore: captioner_kwargs={\"model\": \"/local/folder\"})") from None
         self._model = model.to(self.device).eval().requires_grad_(False)
         tokenizer = getattr(self._processor, "tokenizer", None)
         if tokenizer is not None:

@@ -69,6 +69,7 @@ def score_main(argv: list[str]) -> int:
             parser.error(f"cannot read image {path!r}: {err}")
     prompts, metadata = [args.prompt] * len(images), [{} for _ in images]
     rows: list[dict[str, Any]] = [{"image": path} for path in args.images]
+    failed = False
     for name in names:
         kwargs = dict(args.kwargs.get(name, {}))
         try:
@@ -78,9 +79,10 @@ def score_main(argv: list[str]) -> int:
         except RewardUnavailable as err:
             print(f"ddpo score: skipping {name!r}: {err}", file=sys.stderr)
             continue
-        except Exception as err:
+        except Exception as err:  # report it, and still print the other rewards' columns
             print(f"ddpo score: reward {name!r} failed: {type(err).__name__}: {err}", file=sys.stderr)
-            return 1
+            failed = True
+            continue
         for i, row in enumerate(rows):
             row[name] = float(scores[i])
             if "captions" in info:
@@ -88,7 +90,7 @@ def score_main(argv: list[str]) -> int:
             if info.get("unscorable") and info["unscorable"][i]:
                 row[f"{name}:unscorable"] = info["unscorable"][i]
     _print_rows(rows, args.json)
-    return 0
+    return 1 if failed else 0
 
 
 def _print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:

@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -91,14 +92,21 @@ def test_bad_options_are_refused():
         build_reward("vlm_bertscore", metric="accuracy")
     with pytest.raises(ValueError, match="unknown captioner backend 'llama'"):
         build_reward("vlm_bertscore", captioner="llama")([RED], ["x"], None)
+    with pytest.raises(ValueError, match="leave num_layers unset"):
+        build_reward("vlm_bertscore", num_layers=12)
+    own_model = build_reward("vlm_bertscore", captioner="test_rewards_alignment:FakeCaptioner",
+                             bertscore_model="/models/my-bert")
+    with pytest.raises(ValueError, match="pass num_layers=N"):
+        own_model([RED], ["a red square"], None)
 
 
 class _ChatServer:
     """A local OpenAI-compatible /v1/chat/completions that answers with the image's colour.
     The first `fail_first` requests get HTTP 503 (a server that is starting)."""
 
-    def __init__(self, fail_first: int = 0):
+    def __init__(self, fail_first: int = 0, delay: float = 0.0):
         self.requests, self.fail_left, self.lock = [], fail_first, threading.Lock()
+        self.in_flight = self.max_in_flight = 0
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -108,6 +116,11 @@ class _ChatServer:
                     outer.requests.append((self.path, self.headers.get("Authorization"), body))
                     fail = outer.fail_left > 0
                     outer.fail_left -= 1
+                    outer.in_flight += 1
+                    outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
+                time.sleep(delay)
+                with outer.lock:
+                    outer.in_flight -= 1
                 if fail:
                     self.send_response(503)
                     self.end_headers()
@@ -151,6 +164,18 @@ def test_openai_captioner_against_local_server(monkeypatch):
     path, auth, body = chat.requests[-1]
     assert path == "/v1/chat/completions" and auth == "Bearer sekrit" and body["model"] == "tiny-vlm"
     assert {"type": "text", "text": "What colour is this?"} in body["messages"][0]["content"]
+
+
+def test_openai_captioner_sends_concurrent_requests_and_keeps_order():
+    from rewards.captioners import build_captioner
+
+    chat = _ChatServer(delay=0.2)
+    try:
+        answers = build_captioner("openai", base_url=chat.url, concurrency=4).caption([RED, BLUE] * 4, "colour?")
+    finally:
+        chat.close()
+    assert answers == ["a red square", "a blue square"] * 4
+    assert chat.max_in_flight == 4  # the server sees up to `concurrency` requests at once, and can batch them
 
 
 def test_openai_captioner_gives_up_with_a_clear_error():
