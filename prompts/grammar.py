@@ -83,7 +83,7 @@ class Grammar:
             return "No held-out split: every prompt is a training prompt."
         lead = heldout.description.strip() + ("\n" if heldout.description.strip() else "")
         if heldout.combinations:
-            combos = "; ".join(", ".join(f"{k}={v}" for k, v in c.values.items()) for c in heldout.combinations)
+            combos = ", or ".join(" and ".join(f"{k}={v}" for k, v in c.values.items()) for c in heldout.combinations)
             return lead + f"Held out: every prompt with {combos}."
         by = f"values of ({', '.join(heldout.by)})" if heldout.by else "prompts"
         if not self.is_finite:

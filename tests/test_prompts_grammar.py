@@ -258,3 +258,15 @@ def test_a_grammar_loads_by_path_with_word_files_beside_it(tmp_path):
     assert [p.text for p in grammar.enumerate()] == ["many mice", "many oxen"]
     assert [p.metadata for p in grammar.enumerate()] == [{"beast": "mouse"}, {"beast": "ox"}]
     assert Counter(p.text for p in grammar.sample(900, seed=0))["many mice"] > 500  # weight 2:1
+
+
+def test_shapes_grammar_agrees_with_the_shapes_world(builtins):
+    """The Shapes world (another package) renders and parses these prompts: same words, same rare pairs."""
+    world = pytest.importorskip("ddpo.shapes.world")
+    grammar = builtins["shapes"]
+    assert world.COLORS == SHAPES_COLORS and world.RARE_PAIRS == SHAPES_RARE
+    for prompt in grammar.enumerate():
+        meta = prompt.metadata
+        assert prompt.text == world.caption(meta["color"], meta["shape"], meta["background"])
+        assert world.parse_caption(prompt.text) == (meta["color"], meta["shape"], meta["background"])
+        assert grammar.is_heldout(prompt) == ((meta["color"], meta["shape"]) in world.RARE_PAIRS)
