@@ -148,7 +148,7 @@ def _check_condition(spec: GrammarSpec, condition: Condition, keys: list[str], w
                                f"metadata keys: {', '.join(keys)}", spec.file, condition.line, key)
         rule = spec.rules.get(base)
         if rule is not None and rule.is_word_list:
-            values = [finish_text(alt.text) for alt in rule.alternatives]
+            values = [finish_text("".join(alt.parts)) for alt in rule.alternatives]  # as the rule produces them
             if value not in values:
                 shown = ", ".join(values[:20]) + (", ..." if len(values) > 20 else "")
                 raise GrammarError(f"{what}: {value!r} is not a value of rule {base!r} ({shown})",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import operator
 import random
 from itertools import accumulate
 from typing import Any, NamedTuple
@@ -31,6 +32,15 @@ Event = tuple[str, str, Alternative]
 class Prompt(NamedTuple):
     text: str
     metadata: dict[str, Any]
+
+
+def _integer(value: Any, name: str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
 
 
 def _copy(metadata: dict[str, Any]) -> dict[str, Any]:
@@ -102,10 +112,12 @@ class Grammar:
         or fall outside `split` are redrawn, so a split keeps the grammar's relative weights.
         """
         self._check_split(split)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be a non-negative integer, got {n!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+        if split == "heldout" and self.spec.heldout is None:
+            raise GrammarError("this grammar has no held-out split; add a `heldout:` section (combinations or "
+                               "fraction) to its file", self.spec.file, None, self.name)
+        n, seed = _integer(n, "n"), _integer(seed, "seed")  # numpy integers are welcome
+        if n < 0:
+            raise ValueError(f"n must be 0 or more, got {n}")
         rng = random.Random(seed)
         prompts = []
         for _ in range(n):
@@ -146,7 +158,10 @@ class Grammar:
     # -- enumeration -----------------------------------------------------------------------------
 
     def enumerate(self, split: str | None = None) -> list[Prompt]:
-        """Every prompt of a finite grammar (in the order of the alternatives), filtered by `split`."""
+        """Every prompt of a finite grammar (in the order of the alternatives), filtered by `split`.
+
+        A grammar without a held-out split has no held-out prompts: `enumerate("heldout")` is empty.
+        """
         self._check_split(split)
         if self._cycle is not None:
             raise GrammarError(f"the grammar is infinite (recursion {' -> '.join(self._cycle)}), so it cannot be "
@@ -252,6 +267,3 @@ class Grammar:
     def _check_split(self, split: str | None) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be None, 'train' or 'heldout', got {split!r}")
-        if split == "heldout" and self.spec.heldout is None:
-            raise GrammarError("this grammar has no held-out split; add a `heldout:` section (combinations or "
-                               "fraction) to its file", self.spec.file, None, self.name)

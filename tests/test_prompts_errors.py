@@ -194,6 +194,8 @@ def test_sample_and_enumerate_arguments(tmp_path):
     grammar = load_grammar("shapes")
     with pytest.raises(ValueError, match="n must be"):
         grammar.sample(-1, seed=0)
+    with pytest.raises(ValueError, match="n must be"):
+        grammar.sample(2.5, seed=0)
     with pytest.raises(ValueError, match="seed must be"):
         grammar.sample(3, seed="zero")
     assert grammar.sample(0, seed=0) == []

@@ -214,9 +214,11 @@ def test_split_arguments_are_checked(builtins, tmp_path):
     with pytest.raises(ValueError, match="split must be"):
         builtins["shapes"].sample(2, seed=0, split="test")
     plain = load_grammar(write_grammar(tmp_path, "rules:\n  prompt: [cat, dog]\n"))
-    assert plain.count("train") == 2 and not plain.has_heldout
+    assert plain.count("train") == 2 and plain.count("heldout") == 0 and not plain.has_heldout
     with pytest.raises(GrammarError, match="no held-out split"):
         plain.sample(1, seed=0, split="heldout")
+    np = pytest.importorskip("numpy")
+    assert plain.sample(3, seed=np.int64(5)) == plain.sample(np.int32(3), seed=5)
 
 
 def test_constraints_distinct_and_exclude(tmp_path):
