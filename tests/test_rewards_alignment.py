@@ -199,3 +199,13 @@ def test_vlm_bertscore_through_openai_backend():
     finally:
         chat.close()
     assert info["captions"] == ["a red square", "a blue square"] and scores[1] > scores[0]
+
+
+def test_shapes_backend_alias_resolves_to_the_shapes_captioner(tmp_path):
+    captioner_module = pytest.importorskip("ddpo.shapes.captioner")
+    captioner_module.CaptionerNet().save_pretrained(tmp_path / "captioner")  # random weights: any caption will do
+    reward = build_reward("vlm_bertscore", captioner="shapes", captioner_kwargs={"path": str(tmp_path / "captioner")})
+    scores, info = reward([RED, BLUE], ["a red circle on a blue background", "a dolphin riding a bike"], None)
+    assert isinstance(reward.fn.captioner, captioner_module.ShapesCaptioner)
+    assert np.isfinite(scores[0]) and info["captions"][0].endswith("background")
+    assert np.isnan(scores[1]) and "dolphin" in info["unscorable"][1]
