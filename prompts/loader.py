@@ -153,16 +153,16 @@ def _rule(reader: _Reader, name: str, key_node: yaml.Node, node: yaml.Node) -> R
     elif isinstance(node, yaml.MappingNode):
         items = reader.mapping(node, f"rule {name!r}", name)
         reader.known_keys(items, RULE_KEYS, f"rule {name!r}")
-        parts = {key: (key_node_, value) for key, key_node_, value in items}
-        fields = reader.names(parts["fields"][1], "`fields`", name) if "fields" in parts else []
+        parts = {key: value for key, _, value in items}
+        fields = reader.names(parts["fields"], "`fields`", name) if "fields" in parts else []
         alternatives = []
         if "alternatives" in parts:
-            value = parts["alternatives"][1]
+            value = parts["alternatives"]
             if not isinstance(value, yaml.SequenceNode):
                 raise reader.error("`alternatives` must be a list", value, name)
             alternatives += [_alternative(reader, item, name) for item in value.value]
         if "words" in parts:
-            words_node = parts["words"][1]
+            words_node = parts["words"]
             path = reader.path.parent / reader.string(words_node, "`words` (a word file path)", name)
             alternatives += read_word_file(path, fields, reader.file, words_node.start_mark.line + 1, name)
         elif "fields" in parts:

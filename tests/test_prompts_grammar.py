@@ -272,3 +272,22 @@ def test_shapes_grammar_agrees_with_the_shapes_world(builtins):
         assert prompt.text == world.caption(meta["color"], meta["shape"], meta["background"])
         assert world.parse_caption(prompt.text) == (meta["color"], meta["shape"], meta["background"])
         assert grammar.is_heldout(prompt) == ((meta["color"], meta["shape"]) in world.RARE_PAIRS)
+
+
+def test_mixed_word_sources_helpers_braces_and_optional_metadata(tmp_path):
+    (tmp_path / "more.txt").write_text("yak\n")
+    grammar = load_grammar(write_grammar(tmp_path, """
+        rules:
+          prompt: ["{_frame} a(n) {animal}", "{animal} {{{{raw}}}}"]
+          _frame: [a photo of]
+          animal: {alternatives: [owl], words: more.txt}
+        metadata:
+          caption: "framed: {_frame}"
+    """))
+    prompts = {p.text: p.metadata for p in grammar.enumerate()}
+    assert prompts == {
+        "a photo of an owl": {"animal": "owl", "caption": "framed: a photo of"},
+        "a photo of a yak": {"animal": "yak", "caption": "framed: a photo of"},
+        "owl {{raw}}": {"animal": "owl"},
+        "yak {{raw}}": {"animal": "yak"},
+    }
