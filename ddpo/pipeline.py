@@ -34,7 +34,7 @@ def load_pipeline(name: str, revision: str | None = None):
                                                            requires_safety_checker=False)
         except (OSError, ValueError, EnvironmentError) as err:
             raise ModelLoadError(_load_hint(name, err)) from err
-    if len(pipe.tokenizer) == 0:
+    if len(pipe.tokenizer) <= len(set(pipe.tokenizer.all_special_tokens)):
         raise ModelLoadError(f"the tokenizer of {name!r} is empty: its tokenizer/ folder is missing or unreadable "
                              "(with HF_HUB_OFFLINE=1, transformers returns an empty tokenizer instead of failing)")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
