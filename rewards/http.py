@@ -10,8 +10,9 @@ import requests
 
 logger = logging.getLogger(__name__)
 
-# Worth retrying: the server is restarting, overloaded or rate-limiting. Anything else 4xx is the caller's bug.
-RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+# Worth retrying: the server is restarting, overloaded or rate-limiting. Other 4xx are the caller's bug, and a 500
+# is the model failing on this input (the reward server's reply when a reward raises): retrying would repeat it.
+RETRY_STATUS = {408, 425, 429, 502, 503, 504}
 
 
 class HTTPError(RuntimeError):

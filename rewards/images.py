@@ -72,8 +72,15 @@ def check_tensor(images: Any) -> Any:
 
 def to_pil(images: Any) -> list[Image.Image]:
     """A list of PIL images or a tensor (B, 3, H, W) in [0, 1] -> list of RGB PIL images."""
+    import torch
+
     if isinstance(images, (list, tuple)):
         return [pil_to_rgb(image, i) for i, image in enumerate(images)]
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images is a {type(images).__name__}; expected a list of PIL images "
+                        "or a float tensor (B, 3, H, W) in [0, 1]")
     tensor = check_tensor(images)
     array = (tensor.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     return [Image.fromarray(a) for a in array]

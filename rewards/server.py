@@ -103,7 +103,12 @@ def make_server(reward: Any, name: str, host: str = "127.0.0.1", port: int = 808
                 return self._reply(404, {"error": f"no route POST {self.path}; use POST /score"})
             if not self._authorized():
                 return self._reply(401, {"error": "missing or wrong bearer token"})
-            length = int(self.headers.get("Content-Length") or 0)
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if length < 0:
+                return self._reply(400, {"error": "missing or invalid Content-Length header"})
             if length > max_request_bytes:
                 # The body is drained in chunks and dropped (never held in memory), so the client reads the 413
                 # instead of a reset connection.

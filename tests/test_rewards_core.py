@@ -101,6 +101,9 @@ def test_image_conversion_and_refusals():
         check_tensor(torch.rand(2, 8, 8, 3))
     with pytest.raises(ValueError, match=r"NaN or infinite values in images \[1\]"):
         check_tensor(torch.stack([torch.rand(3, 4, 4), torch.full((3, 4, 4), float("nan"))]))
+    with pytest.raises(TypeError, match="expected a list of PIL images"):
+        to_pil("image.png")
+    assert to_pil(np.zeros((1, 3, 4, 6), dtype=np.float32))[0].size == (6, 4)
     gray_tensor = check_tensor(torch.full((1, 1, 5, 7), 0.5))
     assert gray_tensor.shape == (1, 3, 5, 7)
     assert check_tensor(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)).max().item() == 1.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import subprocess
@@ -24,10 +25,14 @@ PROMPTS = ["noise", "a white page"]
 FAST = {"retries": 2, "backoff": 0.01}
 
 
+BOOMS = []
+
+
 def flaky_reward():
     """Raises on the prompt "boom", NaN on the prompt "nan", else the prompt's length."""
     def reward(images, prompts, metadata):
         if "boom" in prompts:
+            BOOMS.append(prompts)
             raise RuntimeError("exploded")
         return np.array([np.nan if p == "nan" else len(p) for p in prompts]), {"meta": metadata}
     return reward
@@ -71,6 +76,7 @@ def test_nan_metadata_and_reward_errors_cross_the_wire():
         assert info["meta"] == [{"colour": "red"}, {"n": 2}]
         with pytest.raises(HTTPError, match="HTTP 500.*exploded"):
             remote(IMAGES, ["boom", "x"], None)
+        assert len(BOOMS) == 1  # a reward's own error is not retried
         assert remote(IMAGES, ["ab", "c"], None)[0].tolist() == [2, 1]  # still serving
 
 
@@ -98,6 +104,13 @@ def test_size_batch_and_format_limits():
         assert bad.status_code == 400 and "base64" in bad.json()["error"]
         pickle_like = requests.post(served.url + "/score", data=b"\x80\x04\x95", timeout=5)
         assert pickle_like.status_code == 400 and "not JSON" in pickle_like.json()["error"]
+        connection = http.client.HTTPConnection(served.url.removeprefix("http://"), timeout=5)
+        connection.putrequest("POST", "/score")
+        connection.putheader("Content-Length", "-5")  # would make a naive server read until the client hangs up
+        connection.endheaders()
+        negative = connection.getresponse()
+        assert negative.status == 400 and "Content-Length" in json.loads(negative.read())["error"]
+        connection.close()
 
 
 def test_remote_fails_clearly_when_server_is_down():
