@@ -1,0 +1,131 @@
+"""Tab 1, Compare rewards: generate (or upload) images and score them with several rewards side by side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gradio as gr
+
+from ddpo.ui import scoring
+from ddpo.ui.pickers import NO_CHECKPOINT, checkpoint_choices, model_choices, resolve_checkpoint, resolve_model
+from ddpo.ui.settings import AppSettings, UIError
+from ddpo.ui.widgets import check_generation, generation_inputs, readable_errors, reward_choices
+
+UPLOAD_MAX_SIDE = 2048
+CAPTION_HEADERS = ["image", "reward", "caption", "reference"]
+
+
+def default_reward_kwargs() -> str:
+    """Offline defaults: the VLM reward uses the Shapes captioner shipped with the package."""
+    return json.dumps({"vlm_bertscore": {"captioner": "shapes"}}, indent=1)
+
+
+def default_rewards(model: str) -> list[str]:
+    choices = reward_choices()
+    wanted = ["jpeg_compressibility", "vlm_bertscore"] if model == "shapes" else ["jpeg_compressibility",
+                                                                                   "jpeg_incompressibility"]
+    return [r for r in wanted if r in choices]
+
+
+def reward_inputs(model: str, prefix: str) -> list:
+    """[rewards, weights, normalize, reward options] components."""
+    rewards = gr.CheckboxGroup(reward_choices(), value=default_rewards(model), label="Rewards",
+                               elem_id=f"{prefix}-rewards")
+    with gr.Accordion("Composed reward and reward options", open=False):
+        weights = gr.Textbox("", label="Composed reward: 'name: weight' pairs (empty: none)",
+                             placeholder="jpeg_compressibility: 1.0, vlm_bertscore: 2.0", elem_id=f"{prefix}-weights")
+        normalize = gr.Radio(["none", "batch"], value="none", label="Normalise each term (batch z-score)")
+        options = gr.Code(default_reward_kwargs(), language="json", label="Reward options (JSON: name -> kwargs)")
+    return [rewards, weights, normalize, options]
+
+
+def results(scored: scoring.Scored, images, prompts: list[str], seeds: list) -> tuple:
+    """Gallery, scores table, agreement table, captions table, notes: the outputs of both actions."""
+    gallery = list(zip(scoring.to_display(images), scoring.gallery_captions(scored, seeds)))
+    headers, rows = scoring.score_rows(scored, prompts, seeds)
+    agree_headers, agree_rows = scoring.agreement_rows(scored.scores)
+    agreement_note = "" if len(prompts) >= 3 else "\n\nRank agreement needs at least 3 images."
+    return (gallery, {"headers": headers, "data": rows}, {"headers": agree_headers, "data": agree_rows},
+            {"headers": CAPTION_HEADERS, "data": scoring.caption_rows(scored) or [[""] * len(CAPTION_HEADERS)]},
+            (scoring.notes(scored) + agreement_note).strip())
+
+
+def load_uploads(files: list | None, max_images: int) -> list:
+    from PIL import Image
+
+    if not files:
+        raise UIError("upload at least one image (PNG, JPEG, WebP)")
+    if len(files) > max_images:
+        raise UIError(f"{len(files)} images uploaded; the limit is {max_images} per request")
+    images = []
+    for f in files:
+        path = Path(f if isinstance(f, str) else f.name)
+        try:
+            with Image.open(path) as image:
+                if max(image.size) > UPLOAD_MAX_SIDE:
+                    raise UIError(f"{path.name} is {image.width}x{image.height}; the largest side allowed is "
+                                  f"{UPLOAD_MAX_SIDE} px")
+                images.append(image.convert("RGB"))
+        except OSError as err:
+            raise UIError(f"{path.name} is not a readable image ({err})") from None
+    return images
+
+
+def build(settings: AppSettings, model: str) -> None:
+    lim = settings.limits
+    with gr.Row():
+        with gr.Column(scale=1):
+            model_box = gr.Dropdown(model_choices(settings), value=model, label="Model",
+                                    allow_custom_value=True, elem_id="compare-model")
+            with gr.Row():
+                ckpt = gr.Dropdown(checkpoint_choices(settings.runs_dir), value=NO_CHECKPOINT, label="LoRA checkpoint",
+                                   allow_custom_value=True, scale=4, elem_id="compare-ckpt")
+                refresh = gr.Button("Refresh", scale=1, size="sm")
+            gen = generation_inputs(settings, model, "compare")
+            rewards = reward_inputs(model, "compare")
+            go = gr.Button("Generate and score", variant="primary", elem_id="compare-go")
+            with gr.Accordion("Score your own images", open=False):
+                uploads = gr.File(file_count="multiple", file_types=["image"],
+                                  label=f"Images (at most {lim.max_images})")
+                upload_prompt = gr.Textbox("", label="Prompt the images were made for", elem_id="upload-prompt")
+                score_go = gr.Button("Score uploaded images", elem_id="upload-go")
+        with gr.Column(scale=2):
+            gallery = gr.Gallery(label="Images and scores", columns=4, height="auto", object_fit="contain",
+                                 elem_id="compare-gallery")
+            notes = gr.Markdown(elem_id="compare-notes")
+            table = gr.Dataframe(label="Scores (image x reward)", interactive=False, elem_id="compare-scores")
+            agreement = gr.Dataframe(label="Rank agreement between rewards (Spearman)", interactive=False)
+            captions = gr.Dataframe(label="What the VLM said", interactive=False, wrap=True)
+    outputs = [gallery, table, agreement, captions, notes]
+
+    @readable_errors
+    def compare(model_label, ckpt_label, source, prompt, grammar, split, n, seed, steps, guidance,
+                names, weights, normalize, options, progress=gr.Progress()):
+        request = check_generation(settings, source, prompt, grammar, split, n, seed, steps, guidance)
+        model_name, lora = resolve_model(settings, model_label), resolve_checkpoint(settings, ckpt_label)
+        kwargs, weights = scoring.parse_reward_kwargs(options), scoring.parse_weights(weights)
+        progress(0, desc="loading the model")
+        pipe = scoring.get_pipeline(model_name, lora)
+        images = scoring.generate(pipe, request.prompts, request.seed, request.steps, request.guidance, eta=1.0,
+                                  progress=lambda i, total: progress((i, total), desc="generating", unit="images"))
+        progress(1.0, desc="scoring")
+        scored = scoring.score_images(images, request.prompts, request.metadata, list(names or []), kwargs,
+                                      weights, normalize)
+        seeds = [request.seed + i for i in range(len(request.prompts))]
+        return results(scored, images, request.prompts, seeds)
+
+    @readable_errors
+    def score_uploads(files, prompt, names, weights, normalize, options):
+        images = load_uploads(files, lim.max_images)
+        prompt = (prompt or "").strip()[:lim.max_prompt_chars]
+        prompts = [prompt] * len(images)
+        scored = scoring.score_images(images, prompts, [{} for _ in images], list(names or []),
+                                      scoring.parse_reward_kwargs(options), scoring.parse_weights(weights), normalize)
+        return results(scored, images, prompts, ["upload"] * len(images))
+
+    go.click(compare, [model_box, ckpt, *gen.as_list(), *rewards], outputs, api_name="compare",
+             concurrency_id="generation", concurrency_limit=settings.generation_concurrency)
+    score_go.click(score_uploads, [uploads, upload_prompt, *rewards], outputs, api_name="score_uploads",
+                   concurrency_id="generation", concurrency_limit=settings.generation_concurrency)
+    refresh.click(lambda: gr.Dropdown(choices=checkpoint_choices(settings.runs_dir)), None, ckpt, api_name=False)

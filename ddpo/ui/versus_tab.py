@@ -1,0 +1,95 @@
+"""Tab 2, Base vs finetuned: the same prompts and seeds through the base model and a checkpoint, with reward deltas."""
+
+from __future__ import annotations
+
+import math
+
+import gradio as gr
+import numpy as np
+
+from ddpo.ui import scoring
+from ddpo.ui.compare_tab import reward_inputs
+from ddpo.ui.pickers import NO_CHECKPOINT, checkpoint_choices, model_choices, resolve_checkpoint, resolve_model
+from ddpo.ui.settings import AppSettings, UIError
+from ddpo.ui.widgets import check_generation, generation_inputs, readable_errors
+
+
+def delta_rows(base: scoring.Scored, tuned: scoring.Scored, prompts: list[str], seeds: list[int]):
+    """(headers, rows, summary markdown): per image and reward, base score, finetuned score and their difference."""
+    names = [n for n in base.scores if n in tuned.scores]
+    headers = ["image", "seed", "prompt"]
+    for n in names:
+        headers += [f"{n} base", f"{n} finetuned", f"{n} delta"]
+    rows = []
+    for i, prompt in enumerate(prompts):
+        row = [i, seeds[i], prompt]
+        for n in names:
+            b, t = float(base.scores[n][i]), float(tuned.scores[n][i])
+            row += [_r(b), _r(t), _r(t - b)]
+        rows.append(row)
+    lines = ["| reward | base mean | finetuned mean | mean delta | images improved |", "|---|---|---|---|---|"]
+    for n in names:
+        b, t = base.scores[n].astype(np.float64), tuned.scores[n].astype(np.float64)
+        d = t - b
+        lines.append(f"| {n} | {np.nanmean(b):.4f} | {np.nanmean(t):.4f} | {_f(np.nanmean(d))} | "
+                     f"{int(np.sum(d > 0))} / {int(np.sum(np.isfinite(d)))} |")
+    return headers, rows, "\n".join(lines)
+
+
+def build(settings: AppSettings, model: str) -> None:
+    with gr.Row():
+        with gr.Column(scale=1):
+            model_box = gr.Dropdown(model_choices(settings), value=model, label="Base model",
+                                    allow_custom_value=True, elem_id="versus-model")
+            with gr.Row():
+                ckpt = gr.Dropdown(checkpoint_choices(settings.runs_dir), value=NO_CHECKPOINT,
+                                   label="Finetuned checkpoint", scale=4, allow_custom_value=True,
+                                   elem_id="versus-ckpt")
+                refresh = gr.Button("Refresh", scale=1, size="sm")
+            gen = generation_inputs(settings, model, "versus")
+            rewards = reward_inputs(model, "versus")
+            go = gr.Button("Generate both and score", variant="primary", elem_id="versus-go")
+        with gr.Column(scale=2):
+            with gr.Row():
+                base_gallery = gr.Gallery(label="Base", columns=2, height="auto", elem_id="versus-base")
+                tuned_gallery = gr.Gallery(label="Finetuned", columns=2, height="auto", elem_id="versus-tuned")
+            summary = gr.Markdown(elem_id="versus-summary")
+            table = gr.Dataframe(label="Per image: base, finetuned, delta", interactive=False)
+
+    @readable_errors
+    def versus(model_label, ckpt_label, source, prompt, grammar, split, n, seed, steps, guidance,
+               names, weights, normalize, options, progress=gr.Progress()):
+        request = check_generation(settings, source, prompt, grammar, split, n, seed, steps, guidance)
+        model_name, lora = resolve_model(settings, model_label), resolve_checkpoint(settings, ckpt_label)
+        if lora is None:
+            raise UIError("choose a finetuned checkpoint to compare with the base model")
+        kwargs, weights = scoring.parse_reward_kwargs(options), scoring.parse_weights(weights)
+        seeds = [request.seed + i for i in range(len(request.prompts))]
+        galleries, scored = [], []
+        for label, which in (("base", None), ("finetuned", lora)):
+            progress(0, desc=f"loading the {label} model")
+            pipe = scoring.get_pipeline(model_name, which)
+            images = scoring.generate(
+                pipe, request.prompts, request.seed, request.steps, request.guidance, eta=1.0,
+                progress=lambda i, t, label=label: progress((i, t), desc=f"generating ({label})", unit="images"))
+            result = scoring.score_images(images, request.prompts, request.metadata, list(names or []), kwargs,
+                                          weights, normalize)
+            scored.append(result)
+            galleries.append(list(zip(scoring.to_display(images), scoring.gallery_captions(result, seeds))))
+        headers, rows, summary_md = delta_rows(scored[0], scored[1], request.prompts, seeds)
+        extra = scoring.notes(scored[0])
+        return galleries[0], galleries[1], summary_md + ("\n\n" + extra if extra else ""), \
+            {"headers": headers, "data": rows}
+
+    go.click(versus, [model_box, ckpt, *gen.as_list(), *rewards], [base_gallery, tuned_gallery, summary, table],
+             api_name="base_vs_finetuned", concurrency_id="generation",
+             concurrency_limit=settings.generation_concurrency)
+    refresh.click(lambda: gr.Dropdown(choices=checkpoint_choices(settings.runs_dir)), None, ckpt, api_name=False)
+
+
+def _r(value: float) -> float | None:
+    return round(value, 4) if math.isfinite(value) else None
+
+
+def _f(value: float) -> str:
+    return f"{value:+.4f}" if math.isfinite(value) else "n/a"
