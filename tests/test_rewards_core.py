@@ -131,7 +131,8 @@ def test_compose_weighted_sum_with_raw_terms_in_info():
 def test_compose_normalization_batch_and_fixed():
     images = _noise_and_flat()
     kb = np.array([_jpeg_kb(im) for im in images])
-    batch, _ = build_reward("compose", terms={"jpeg_incompressibility": 1.0}, normalize="batch")(images, ["x", "y"], None)
+    batch_reward = build_reward("compose", terms={"jpeg_incompressibility": 1.0}, normalize="batch")
+    batch, _ = batch_reward(images, ["x", "y"], None)
     np.testing.assert_allclose(batch, [1.0, -1.0], atol=1e-4)  # two values z-score to +-1
     fixed, _ = build_reward("compose", terms={"jpeg_incompressibility": 2.0, "jpeg_compressibility#same": 1.0},
                             normalize={"jpeg_incompressibility": {"mean": 1.0, "std": 4.0}})(images, ["x", "y"], None)

@@ -68,7 +68,8 @@ def test_aesthetic_matches_clip_embedding_into_mlp(tiny_clip, aesthetic_mlp):
     np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-5)
     assert abs(scores[0] - scores[1]) > 1e-6 and info["aesthetic"] == pytest.approx(scores.tolist())
     clip_before = reward.fn._clip
-    from_pth, _ = build_reward("aesthetic", clip_model=tiny_clip, mlp_path=str(folder / "mlp.pth"))(IMAGES, ["a", "b"], None)
+    pth_reward = build_reward("aesthetic", clip_model=tiny_clip, mlp_path=str(folder / "mlp.pth"))
+    from_pth, _ = pth_reward(IMAGES, ["a", "b"], None)
     np.testing.assert_allclose(from_pth, scores, rtol=1e-5)
     reward(IMAGES, ["a", "b"], None)
     assert reward.fn._clip is clip_before  # loaded once, reused

@@ -131,7 +131,8 @@ def test_remote_survives_a_server_restart():
     thread = threading.Thread(target=start_late)
     thread.start()
     try:
-        scores, _ = build_reward("remote", url=f"http://127.0.0.1:{port}", retries=6, backoff=0.1)(IMAGES, PROMPTS, None)
+        remote = build_reward("remote", url=f"http://127.0.0.1:{port}", retries=6, backoff=0.1)
+        scores, _ = remote(IMAGES, PROMPTS, None)
     finally:
         thread.join()
         holder["served"].__exit__()
