@@ -81,6 +81,8 @@ class VLMBertScoreReward:
 
     def _captions(self, images: list, prompts: list[str]) -> list[str]:
         """Caption, then re-ask for empty answers up to caption_retries times (LLaVA-7B sometimes returns "")."""
+        if not images:
+            return []
         captions = [c or "" for c in self.captioner.caption(images, self.question)]
         for _ in range(self.caption_retries):
             empty = [i for i, c in enumerate(captions) if not c.strip()]

@@ -79,6 +79,9 @@ def test_aesthetic_missing_files_say_what_to_download(tiny_clip, tmp_path):
     reward = build_reward("aesthetic", clip_model=tiny_clip, mlp_path=str(tmp_path / "nope.pth"))
     with pytest.raises(FileNotFoundError, match="improved-aesthetic-predictor"):
         reward(IMAGES, ["a", "b"], None)
+    hub_only = build_reward("aesthetic", clip_model=tiny_clip, mlp_repo="someone/not-cached")  # HF_HUB_OFFLINE=1
+    with pytest.raises(FileNotFoundError, match="someone/not-cached.*pass mlp_path="):
+        hub_only(IMAGES, ["a", "b"], None)
     reward = build_reward("aesthetic", clip_model=str(tmp_path / "no_clip"), mlp_path=str(tmp_path / "nope.pth"))
     with pytest.raises(FileNotFoundError, match="clip-vit-large-patch14"):
         reward(IMAGES, ["a", "b"], None)
