@@ -35,7 +35,7 @@ class Captioner(Protocol):
 def build_captioner(backend: str, device: str = "cpu", **kwargs: Any) -> Captioner:
     """A backend name or "package.module:Class" -> captioner instance, built with kwargs.
 
-    `device` is passed on only to classes whose __init__ takes a `device` argument.
+    `device` is passed on only to classes whose __init__ takes a `device` argument (or **kwargs).
     """
     from rewards import import_object
 
@@ -43,7 +43,8 @@ def build_captioner(backend: str, device: str = "cpu", **kwargs: Any) -> Caption
         raise ValueError(f"unknown captioner backend {backend!r}; valid: {', '.join(BACKENDS)}, "
                          "or 'package.module:Class' for your own")
     cls = import_object(BACKENDS.get(backend, backend))
-    if "device" in inspect.signature(cls).parameters:
+    parameters = inspect.signature(cls).parameters.values()
+    if any(p.name == "device" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         kwargs.setdefault("device", device)
     captioner = cls(**kwargs)
     if not callable(getattr(captioner, "caption", None)):

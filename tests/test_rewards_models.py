@@ -208,6 +208,14 @@ def test_transformers_captioners_generate_from_saved_folders(backend, fixture, e
     assert captioner.caption(IMAGES[:1], "How many squares are there?") == answers[:1]  # batching is padding-safe
 
 
+@pytest.mark.parametrize("backend", ["llava", "blip", "blip2"])
+def test_reward_device_reaches_transformers_captioners(backend):
+    from rewards.captioners import build_captioner
+
+    assert build_captioner(backend, device="cuda:3").device == "cuda:3"  # nothing loads until the first caption
+    assert build_captioner(backend, device="cuda:3", **{"device": "cpu"}).device == "cpu"
+
+
 def test_vlm_bertscore_with_tiny_llava(tiny_llava):
     reward = build_reward("vlm_bertscore", captioner="llava", captioner_kwargs={"model": tiny_llava,
                                                                                 "max_new_tokens": 6})
