@@ -69,7 +69,8 @@ class VLMBertScoreReward:
     @property
     def captioner(self) -> Any:
         if self._captioner is None:
-            self._captioner = build_captioner(self.captioner_name, device=self.device, **self.captioner_kwargs)
+            self._captioner = build_captioner(self.captioner_name, default_device=self.device,
+                                              **self.captioner_kwargs)
         return self._captioner
 
     def reference(self, prompt: str, metadata: dict) -> str:

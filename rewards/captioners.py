@@ -32,10 +32,11 @@ class Captioner(Protocol):
         ...
 
 
-def build_captioner(backend: str, device: str = "cpu", **kwargs: Any) -> Captioner:
+def build_captioner(backend: str, *, default_device: str = "cpu", **kwargs: Any) -> Captioner:
     """A backend name or "package.module:Class" -> captioner instance, built with kwargs.
 
-    `device` is passed on only to classes whose __init__ takes a `device` argument (or **kwargs).
+    kwargs["device"] defaults to `default_device` (the reward's device) for classes whose __init__ takes a
+    `device` argument (or **kwargs).
     """
     from rewards import import_object
 
@@ -45,7 +46,7 @@ def build_captioner(backend: str, device: str = "cpu", **kwargs: Any) -> Caption
     cls = import_object(BACKENDS.get(backend, backend))
     parameters = inspect.signature(cls).parameters.values()
     if any(p.name == "device" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        kwargs.setdefault("device", device)
+        kwargs.setdefault("device", default_device)
     captioner = cls(**kwargs)
     if not callable(getattr(captioner, "caption", None)):
         raise TypeError(f"captioner {backend!r} has no caption(images, question) method; see docs/rewards.md")

@@ -212,8 +212,10 @@ def test_transformers_captioners_generate_from_saved_folders(backend, fixture, e
 def test_reward_device_reaches_transformers_captioners(backend):
     from rewards.captioners import build_captioner
 
-    assert build_captioner(backend, device="cuda:3").device == "cuda:3"  # nothing loads until the first caption
-    assert build_captioner(backend, device="cuda:3", **{"device": "cpu"}).device == "cpu"
+    assert build_captioner(backend, default_device="cuda:3").device == "cuda:3"  # nothing loads yet
+    assert build_captioner(backend, default_device="cuda:3", device="cpu").device == "cpu"
+    reward = build_reward("vlm_bertscore", captioner=backend, device="cuda:3", captioner_kwargs={"device": "cpu"})
+    assert reward.fn.captioner.device == "cpu"  # captioner_kwargs win over the reward's device
 
 
 def test_vlm_bertscore_with_tiny_llava(tiny_llava):
