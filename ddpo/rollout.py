@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ddpo.reward_pool import RewardPool, check_finite
+from ddpo.reward_pool import RewardError, RewardPool, check_finite
 from ddpo.sampler import Trajectories, encode_prompts, sample_trajectories
 
 
@@ -68,13 +68,24 @@ def collect_rollout(pipe, unet, grammar, reward_pool: RewardPool, config, epoch:
         metadata += batch_meta
         indices += range(global_batch * s.batch_size, (global_batch + 1) * s.batch_size)
     sample_s = time.perf_counter() - start
-    results = [f.result() for f in futures]  # a RewardError raised by the reward surfaces here
+    results = [_result(f) for f in futures]  # a RewardError raised by the reward surfaces here
     reward_s = time.perf_counter() - start - sample_s
     rewards = np.concatenate([r.scores for r in results])
     info = {k: sum((r.info.get(k, [None] * len(r.scores)) for r in results), []) for k in results[0].info}
     valid = check_finite(rewards, texts, info, config.reward.on_nonfinite)
     return Rollout(cat_trajectories(batches), texts, metadata, torch.tensor(indices), rewards, valid, info,
                    sample_s, reward_s)
+
+
+def _result(future):
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        raise RewardError("the reward worker process died (out of memory, killed, or it could not start). A script "
+                          "that calls ddpo.trainer.train must guard its code with `if __name__ == '__main__':` "
+                          "because the worker is spawned; or set reward.executor=inline") from None
 
 
 @torch.no_grad()
@@ -97,5 +108,5 @@ def evaluate(pipe, unet, grammar, reward_pool: RewardPool, config, process_index
         trajectories = sample_trajectories(pipe, unet, encode_prompts(pipe, texts, device), negative,
                                            num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=0.0,
                                            generator=generator)
-    result = reward_pool.submit(trajectories.images, texts, [dict(prompts[i].metadata) for i in mine]).result()
+    result = _result(reward_pool.submit(trajectories.images, texts, [dict(prompts[i].metadata) for i in mine]))
     return result.scores

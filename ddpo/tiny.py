@@ -27,8 +27,12 @@ def write_tiny_tokenizer(folder: str | Path) -> Path:
     return folder
 
 
-def build_tiny_pipeline(seed: int = 0, sample_size: int = 8, prediction_type: str = "epsilon"):
-    """A random StableDiffusionPipeline: latents (4, sample_size, sample_size), images 2x larger."""
+def build_tiny_pipeline(seed: int = 0, sample_size: int = 8, prediction_type: str = "epsilon",
+                        channels: tuple[int, int] = (8, 16), cross_attention_dim: int = 16):
+    """A random StableDiffusionPipeline: latents (4, sample_size, sample_size), images 2x larger.
+
+    `channels` (the UNet's two block widths) and `cross_attention_dim` scale it up for benchmarks.
+    """
     import tempfile
 
     import torch
@@ -38,8 +42,8 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 8, prediction_type: st
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+        block_out_channels=channels, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
         attention_head_dim=4, norm_num_groups=4,
     )
     vae = AutoencoderKL(
@@ -49,7 +53,7 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 8, prediction_type: st
         sample_size=sample_size * 2,
     )
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=TINY_VOCAB_SIZE, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=TINY_VOCAB_SIZE, hidden_size=cross_attention_dim, intermediate_size=2 * cross_attention_dim, num_hidden_layers=2, num_attention_heads=2,
         max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
     ))
     with tempfile.TemporaryDirectory() as tmp:

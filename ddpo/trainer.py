@@ -128,9 +128,11 @@ def train(config: Config, resume: str | None = None) -> Path:
     from prompts import load_grammar
 
     grammar = load_grammar(config.prompts.grammar)  # grammar and reward errors surface before the model loads
+    _check_splits(grammar, config)
     reward_pool = RewardPool(config.reward.name, config.reward.kwargs, config.reward.executor)
     try:
         pipe, params = build_policy(config, accelerator.device)
+        _warn_long_prompts(grammar, config, pipe.tokenizer)
         optimizer = make_optimizer(config, params)
         unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
         tracker = (PerPromptStatTracker(config.train.stat_buffer_size, config.train.stat_min_count)
@@ -154,6 +156,25 @@ def train(config: Config, resume: str | None = None) -> Path:
     finally:
         reward_pool.close()
     return run_dir
+
+
+def _check_splits(grammar, config: Config) -> None:
+    p = config.prompts
+    used = [("prompts.split", p.split)] + ([("prompts.eval_split", p.eval_split)] if p.eval_every else [])
+    for key, split in used:
+        if split == "heldout" and not grammar.has_heldout:
+            raise ValueError(f"{key}=heldout but grammar {grammar.name!r} defines no held-out split; add a heldout: "
+                             f"section to it (see docs/prompts.md) or set {key}=all")
+
+
+def _warn_long_prompts(grammar, config: Config, tokenizer) -> None:
+    """Warn (once, naming them) about prompts longer than the text encoder takes: they would be cut silently."""
+    from prompts import check_prompt_lengths
+
+    split = None if config.prompts.split == "all" else config.prompts.split
+    finite = grammar.is_finite and grammar.count(split) <= 20_000
+    check_prompt_lengths(grammar.enumerate(split) if finite else grammar.sample(512, seed=config.seed, split=split),
+                         tokenizer)
 
 
 def _run_epoch(config, epoch, pipe, unet, optimizer, accelerator, params, grammar, reward_pool, tracker,

@@ -1,0 +1,108 @@
+"""DDPO epoch time against its compute floor, on a CPU-sized Stable Diffusion.
+
+For sampling and for training, prints the wall time the trainer took beside the time the same UNet calls
+take in a tight loop (the floor: no prompt sampling, no scheduler, no rewards, no bookkeeping), and peak
+memory. Target: epoch time within 1.15x of the floor.
+
+    python benchmarks/throughput.py                 # 1 and 2 torch threads, each in a fresh process
+    python benchmarks/throughput.py --threads 1     # one setting, in this process
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+BENCH = dict(channels=(32, 64), cross_attention_dim=32, sample_size=16)  # ~0.9M-parameter UNet, 16x16 latents
+OVERRIDES = ["sample.num_steps=10", "sample.batch_size=4", "sample.num_batches_per_epoch=2", "train.batch_size=4",
+             "train.num_epochs=3", "reward.name=jpeg_compressibility", "reward.executor=process",
+             "logging.sample_grid=false", "logging.keep_last=1"]
+
+
+def build_model(folder: str) -> str:
+    from ddpo.tiny import build_tiny_pipeline
+
+    build_tiny_pipeline(seed=0, **BENCH).save_pretrained(folder)
+    return folder
+
+
+def unet_floor(model: str, config) -> tuple[float, float]:
+    """Seconds per epoch of the bare UNet calls: (sampling forwards, training forward+backward)."""
+    import torch
+
+    from ddpo.trainer import build_policy
+
+    pipe, params = build_policy(config, torch.device("cpu"))
+    s, t = config.sample, config.train
+    unet = pipe.unet
+    latents = torch.randn(2 * s.batch_size, 4, BENCH["sample_size"], BENCH["sample_size"])
+    embeds = torch.randn(2 * s.batch_size, 77, BENCH["cross_attention_dim"])
+    timesteps = torch.full((2 * s.batch_size,), 500)
+    with torch.no_grad():
+        unet(latents, timesteps, encoder_hidden_states=embeds)  # warm-up
+        start = time.perf_counter()
+        for _ in range(s.num_batches_per_epoch * s.num_steps):
+            unet(latents, timesteps, encoder_hidden_states=embeds)
+        sample_floor = time.perf_counter() - start
+    micro = 2 * t.batch_size
+    start = time.perf_counter()
+    for _ in range(s.batch_size * s.num_batches_per_epoch // t.batch_size * s.num_steps):
+        unet(latents[:micro], timesteps[:micro], encoder_hidden_states=embeds[:micro]).sample.mean().backward()
+    train_floor = time.perf_counter() - start
+    return sample_floor, train_floor
+
+
+def run(threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    from ddpo.config import load_config
+    from ddpo.metrics import read_metrics
+    from ddpo.trainer import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_model(os.path.join(tmp, "model"))
+        config = load_config("tiny_cpu", [f"model.pretrained={model}", f"logging.output_dir={tmp}",
+                                          "logging.run_name=bench", *OVERRIDES])
+        run_dir = train(config)
+        rows = read_metrics(run_dir / "metrics.jsonl")[1:]  # epoch 0 warms up
+        sample_floor, train_floor = unet_floor(model, config)
+    mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    epoch = mean("epoch_s")
+    return {"threads": threads, "sample_s": mean("sample_s"), "sample_floor_s": sample_floor,
+            "reward_wait_s": mean("reward_s"), "train_s": mean("train_s"), "train_floor_s": train_floor,
+            "epoch_s": epoch, "epoch_over_floor": epoch / (sample_floor + train_floor),
+            "samples_per_s": mean("samples_per_s"),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, help="torch threads (default: 1 and 2, each in a fresh process)")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        print(json.dumps(run(args.threads)))
+        return
+    results = []
+    for threads in (1, 2):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        out = subprocess.run([sys.executable, __file__, "--threads", str(threads)], env=env, capture_output=True,
+                             text=True, check=True).stdout
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    print("| threads | sample s (floor) | reward wait s | train s (floor) | epoch s | epoch / floor | samples/s | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['threads']} | {r['sample_s']:.2f} ({r['sample_floor_s']:.2f}) | {r['reward_wait_s']:.2f} | "
+              f"{r['train_s']:.2f} ({r['train_floor_s']:.2f}) | {r['epoch_s']:.2f} | {r['epoch_over_floor']:.2f}x | "
+              f"{r['samples_per_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
