@@ -155,6 +155,11 @@ def train(config: Config, resume: str | None = None) -> Path:
         accelerator.end_training()
     finally:
         reward_pool.close()
+        # accelerate keeps mixed precision in a process-wide singleton; forget it so that a later train() in
+        # this process (a notebook, a benchmark) may choose another. The process group (PartialState) stays.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
     return run_dir
 
 
