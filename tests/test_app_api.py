@@ -45,6 +45,10 @@ def app(tmp_path_factory):
     from ddpo.ui.settings import AppSettings
 
     runs = root / "runs"
+    steering = pytest.importorskip("ddpo.steering.cli")
+    assert steering.main(["train", "--env", "Pendulum-v1", "--method", "dsrl_sac", "--steps", "200",
+                          "--warm-start-steps", "100", "--eval-every", "1000", "--eval-episodes", "1",
+                          "--checkpoint-every", "200", "--no-video", "--runs-dir", str(runs), "--name", "pend"]) == 0
     train(load_config("tiny_cpu", [f"logging.output_dir={runs}", "logging.run_name=tiny", "train.learning_rate=0.05"]))
     settings = AppSettings(runs_dir=runs, default_model="tiny-random")
     demo = build_app(settings)
@@ -206,10 +210,9 @@ def test_train_start_watch_and_refuse_a_second_run(app):
     from ddpo.metrics import read_metrics
 
     metrics = read_metrics(settings.runs_dir / "ui-run" / "metrics.jsonl")
-    points = [(p["epoch"], p["value"]) for p in curve["value"]["data"]] if "value" in curve else None
-    assert len(metrics) == 2
-    if points is not None:
-        assert [e for e, _ in points] == [0, 1]
+    assert len(metrics) == 2 and curve["columns"] == ["epoch", "value", "metric"]
+    assert [(row[0], row[2]) for row in curve["data"]] == [(0, "reward_mean"), (1, "reward_mean")]
+    np.testing.assert_allclose([row[1] for row in curve["data"]], [m["reward_mean"] for m in metrics], rtol=1e-6)
     assert grid is not None and Path(grid).is_file()
     assert "ui-run" in [row[0] for row in runs["data"]]
     with pytest.raises(AppError, match="already exists"):
@@ -227,3 +230,20 @@ def test_train_stop_and_blocked_overrides(app):
     assert "stopped" in client.predict(api_name="/train_stop")
     assert process.poll() is not None
     assert "stopped" in client.predict("long", api_name="/train_status")[0]
+
+
+def test_steering_base_against_steered(app):
+    from ddpo.steering.api import run_episodes
+
+    client, settings, _ = app
+    summary, table, gif = client.predict("Pendulum-v1", "shipped", "pend", 2, 3, True, api_name="/steer")
+    base, steered, _ = run_episodes("Pendulum-v1", None, str(settings.runs_dir / "pend"), n=2, seed=3, render=False)
+    assert [row[1] for row in table["data"]] == [3, 4]
+    np.testing.assert_allclose(column(table, "base return"), base, atol=1e-3)
+    np.testing.assert_allclose(column(table, "steered return"), steered, atol=1e-3)
+    assert "Steered" in summary and Path(gif).is_file()
+    summary, table, gif = client.predict("Pendulum-v1", "shipped", "(none: base policy only)", 1, 3, False,
+                                         api_name="/steer")
+    assert table["data"][0][3] is None and gif is None and "Steered" not in summary
+    with pytest.raises(AppError, match="is not a Pendulum-v1 run"):
+        client.predict("Pendulum-v1", "shipped", "../pend", 1, 0, False, api_name="/steer")

@@ -66,11 +66,13 @@ def resolve_model(settings: AppSettings, label: str | None) -> str:
 
 
 def list_runs(runs_dir: Path) -> list[Path]:
-    """Run folders (with a config.yaml, a metrics.jsonl or the app's training log), newest first."""
+    """`ddpo train` run folders (with a config.yaml, or the app's training log), newest first.
+
+    Steering runs (config.json) are listed by the Steering tab instead."""
     if not runs_dir.is_dir():
         return []
     runs = [p for p in runs_dir.iterdir() if p.is_dir() and RUN_NAME.match(p.name)
-            and any((p / f).is_file() for f in ("config.yaml", "metrics.jsonl", "app_train.log"))]
+            and any((p / f).is_file() for f in ("config.yaml", "app_train.log"))]
     return sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)
 
 

@@ -139,7 +139,8 @@ def curve_frame(rows: list[dict]):
 
     points = [{"epoch": r["epoch"], "value": r[key], "metric": key} for r in rows
               for key in ("reward_mean", "eval_reward_mean") if isinstance(r.get(key), (int, float))]
-    return pd.DataFrame(points, columns=["epoch", "value", "metric"])
+    frame = pd.DataFrame(points, columns=["epoch", "value", "metric"])
+    return frame.astype({"epoch": "int64", "value": "float64", "metric": "str"})
 
 
 def latest_sample(run_dir: Path) -> Path | None:
