@@ -6,6 +6,9 @@ memory. Target: epoch time within 1.15x of the floor.
 
     python benchmarks/throughput.py                 # 1 and 2 torch threads, each in a fresh process
     python benchmarks/throughput.py --threads 1     # one setting, in this process
+
+The rewards run in a worker process (`reward.executor=process`, the default); the last row runs them on a
+thread of the training process instead, to show the slowdown that a torch op on a second thread causes.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import time
 
 BENCH = dict(channels=(32, 64), cross_attention_dim=32, sample_size=16)  # ~0.9M-parameter UNet, 16x16 latents
 OVERRIDES = ["sample.num_steps=10", "sample.batch_size=4", "sample.num_batches_per_epoch=2", "train.batch_size=4",
-             "train.num_epochs=3", "reward.name=jpeg_compressibility", "reward.executor=process",
+             "train.num_epochs=3", "reward.name=jpeg_compressibility",
              "logging.sample_grid=false", "logging.keep_last=1"]
 
 
@@ -58,7 +61,7 @@ def unet_floor(model: str, config) -> tuple[float, float]:
     return sample_floor, train_floor
 
 
-def run(threads: int) -> dict:
+def run(threads: int, executor: str) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -69,13 +72,14 @@ def run(threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(os.path.join(tmp, "model"))
         config = load_config("tiny_cpu", [f"model.pretrained={model}", f"logging.output_dir={tmp}",
-                                          "logging.run_name=bench", *OVERRIDES])
+                                          "logging.run_name=bench", f"reward.executor={executor}", *OVERRIDES])
+        # The floor first: once a torch op has run on a second thread (executor=thread), later ops are slower.
+        sample_floor, train_floor = unet_floor(model, config)
         run_dir = train(config)
         rows = read_metrics(run_dir / "metrics.jsonl")[1:]  # epoch 0 warms up
-        sample_floor, train_floor = unet_floor(model, config)
     mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
     epoch = mean("epoch_s")
-    return {"threads": threads, "sample_s": mean("sample_s"), "sample_floor_s": sample_floor,
+    return {"threads": threads, "executor": executor, "sample_s": mean("sample_s"), "sample_floor_s": sample_floor,
             "reward_wait_s": mean("reward_s"), "train_s": mean("train_s"), "train_floor_s": train_floor,
             "epoch_s": epoch, "epoch_over_floor": epoch / (sample_floor + train_floor),
             "samples_per_s": mean("samples_per_s"),
@@ -85,21 +89,23 @@ def run(threads: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, help="torch threads (default: 1 and 2, each in a fresh process)")
+    parser.add_argument("--executor", default="process", choices=["process", "thread", "inline"])
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
-        print(json.dumps(run(args.threads)))
+        print(json.dumps(run(args.threads, args.executor)))
         return
     results = []
-    for threads in (1, 2):
+    for threads, executor in ((1, "process"), (2, "process"), (2, "thread")):
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        out = subprocess.run([sys.executable, __file__, "--threads", str(threads)], env=env, capture_output=True,
-                             text=True, check=True).stdout
+        out = subprocess.run([sys.executable, __file__, "--threads", str(threads), "--executor", executor], env=env,
+                             capture_output=True, text=True, check=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
-    print("| threads | sample s (floor) | reward wait s | train s (floor) | epoch s | epoch / floor | samples/s | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| threads | rewards on | sample s (floor) | reward wait s | train s (floor) | epoch s | epoch / floor "
+          "| samples/s | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['threads']} | {r['sample_s']:.2f} ({r['sample_floor_s']:.2f}) | {r['reward_wait_s']:.2f} | "
+        print(f"| {r['threads']} | {r['executor']} | {r['sample_s']:.2f} ({r['sample_floor_s']:.2f}) | {r['reward_wait_s']:.2f} | "
               f"{r['train_s']:.2f} ({r['train_floor_s']:.2f}) | {r['epoch_s']:.2f} | {r['epoch_over_floor']:.2f}x | "
               f"{r['samples_per_s']:.1f} | {r['peak_rss_mb']:.0f} |")
 
