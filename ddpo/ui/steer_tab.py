@@ -77,7 +77,7 @@ def build(settings: AppSettings) -> None:
         with gr.Column(scale=2):
             summary = gr.Markdown(elem_id="steer-summary")
             table = gr.Dataframe(label="Returns", interactive=False)
-            video = gr.Image(label="Rollout", type="filepath", interactive=False)
+            video = gr.Image(label="First episode: base (left) | steered (right)", type="filepath", interactive=False)
 
     def run_choices(env_id):
         return gr.Dropdown(choices=[BASE_ONLY, *steering_runs(settings, env_id)], value=BASE_ONLY)
