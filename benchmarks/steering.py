@@ -1,0 +1,151 @@
+"""DSRL benchmark: base, dsrl_sac, dsrl_na, sac_scratch on Pendulum-v1 and Reacher-v5 at equal environment steps.
+
+Resumable and incremental: each (env, method, seed) trains in runs/bench_steering/<key>/ (resumable checkpoints)
+and, once finished, its metrics are copied to benchmarks/results/steering/<key>.jsonl; finished keys are skipped.
+Jobs run seed-major, so a cut-off benchmark still covers every method for the first seeds.
+
+    nice -n 10 python benchmarks/steering.py run --seeds 0 1 2 --steps 30000 [--worker 0 --workers 2]
+    python benchmarks/steering.py report      # table (markdown) and curves (PNG) from whatever has finished
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "steering"
+ENVS = ("Pendulum-v1", "Reacher-v5")
+METHODS = ("base", "dsrl_sac", "dsrl_na", "sac_scratch")
+
+
+def run_job(env_id: str, method: str, seed: int, steps: int, eval_every: int, eval_episodes: int, runs_dir: Path) -> None:
+    key = f"{env_id}_{method}_s{seed}"
+    result = RESULTS / f"{key}.jsonl"
+    if result.is_file():
+        return
+    print(f"=== {key}", flush=True)
+    if method == "base":
+        # The frozen policy has no training: one evaluation, repeated at the budget's ends for the curves.
+        from ddpo.steering.api import compare_base
+
+        summary = compare_base(env_id, episodes=eval_episodes)
+        lines = [{"env_steps": s, "episodic_return_mean": summary["base_gaussian"]["return_mean"],
+                  "episodic_return_std": summary["base_gaussian"]["return_std"], "base_zero": summary["base_zero"],
+                  "expert": summary["expert"]} for s in (0, steps)]
+        result.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        return
+    from ddpo.steering.train import TrainConfig, train
+
+    config = TrainConfig(env_id=env_id, method=method, steps=steps, seed=seed, eval_every=eval_every,
+                         eval_episodes=eval_episodes, checkpoint_every=eval_every * 2, video=(seed == 0))
+    run_dir = train(config, runs_dir / key)
+    shutil.copy(run_dir / "metrics.jsonl", result)
+    if (run_dir / "rollout.gif").is_file():
+        shutil.copy(run_dir / "rollout.gif", RESULTS / f"{key}.gif")
+
+
+def load_results() -> dict[tuple[str, str], list[list[dict]]]:
+    table: dict[tuple[str, str], list[list[dict]]] = {}
+    for path in sorted(RESULTS.glob("*.jsonl")):
+        env_id, rest = path.stem.split("_", 1)  # "Pendulum-v1_dsrl_sac_s0": env ids have no "_"
+        method = rest.rsplit("_", 1)[0]
+        table.setdefault((env_id, method), []).append([json.loads(line) for line in path.read_text().splitlines()])
+    return table
+
+
+def report() -> str:
+    from ddpo.steering.envs import normalized_score
+
+    table = load_results()
+    rows = ["| env | method | seeds | env steps | final return (mean ± s.e.) | normalised score | gap closed vs base |",
+            "|---|---|---|---|---|---|---|"]
+    for env_id in ENVS:
+        base_runs = table.get((env_id, "base"), [])
+        base = np.mean([run[-1]["episodic_return_mean"] for run in base_runs]) if base_runs else None
+        expert = base_runs[0][-1]["expert"]["return_mean"] if base_runs else None
+        for method in METHODS:
+            runs = table.get((env_id, method), [])
+            if not runs:
+                continue
+            finals = np.array([run[-1]["episodic_return_mean"] for run in runs])
+            steps = sorted({run[-1]["env_steps"] for run in runs})
+            se = finals.std(ddof=1) / np.sqrt(len(finals)) if len(finals) > 1 else float("nan")
+            gap = (finals.mean() - base) / (expert - base) if base is not None else float("nan")
+            rows.append(f"| {env_id} | {method} | {len(runs)} | {'/'.join(map(str, steps))} | {finals.mean():.1f} ± {se:.1f} "
+                        f"| {normalized_score(env_id, finals.mean()):.2f} | {gap:.2f} |")
+        if base_runs:
+            zero = base_runs[0][-1]["base_zero"]["return_mean"]
+            rows.append(f"| {env_id} | base (w = 0) | 1 | - | {zero:.1f} | {normalized_score(env_id, zero):.2f} | "
+                        f"{(zero - base) / (expert - base):.2f} |")
+            rows.append(f"| {env_id} | scripted expert | 1 | - | {expert:.1f} | {normalized_score(env_id, expert):.2f} | 1.00 |")
+    return "\n".join(rows)
+
+
+def plot(path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = load_results()
+    figure, axes = plt.subplots(1, len(ENVS), figsize=(6 * len(ENVS), 4))
+    for axis, env_id in zip(np.atleast_1d(axes), ENVS):
+        for method in METHODS:
+            runs = table.get((env_id, method), [])
+            if not runs:
+                continue
+            grid = np.unique(np.concatenate([[line["env_steps"] for line in run] for run in runs]))
+            curves = np.array([np.interp(grid, [l["env_steps"] for l in run], [l["episodic_return_mean"] for l in run]) for run in runs])
+            mean = curves.mean(0)
+            se = curves.std(0, ddof=1) / np.sqrt(len(runs)) if len(runs) > 1 else np.zeros_like(mean)
+            axis.plot(grid, mean, label=f"{method} (n={len(runs)})")
+            axis.fill_between(grid, mean - se, mean + se, alpha=0.2)
+        axis.set_title(env_id)
+        axis.set_xlabel("environment steps")
+        axis.set_ylabel("evaluation return")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["run", "report"])
+    parser.add_argument("--envs", nargs="+", default=list(ENVS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=30_000)
+    parser.add_argument("--eval-every", type=int, default=2500)
+    parser.add_argument("--eval-episodes", type=int, default=10)
+    parser.add_argument("--worker", type=int, default=0, help="this process runs jobs worker, worker + workers, ...")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--runs-dir", default="runs/bench_steering")
+    args = parser.parse_args(argv)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.command == "report":
+        text = report()
+        (RESULTS.parent / "steering.md").write_text(text + "\n")
+        plot(RESULTS.parent / "steering_curves.png")
+        print(text)
+        return 0
+    import torch
+
+    torch.set_num_threads(1)
+    jobs = [(env_id, method, seed) for seed in args.seeds for env_id in args.envs for method in args.methods]
+    for env_id, method, seed in jobs[args.worker :: args.workers]:
+        run_job(env_id, method, seed, args.steps, args.eval_every, args.eval_episodes, Path(args.runs_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

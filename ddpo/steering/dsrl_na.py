@@ -1,0 +1,215 @@
+"""DSRL-NA: noise-aliased latent-noise SAC (Wagenmaker et al., 2025), cleanrl-style.
+
+Three learners share one replay buffer of (s, a, r, s', done) where a is the *executed action chunk*:
+  Q^A(s, a)  twin critics on real actions, soft TD targets through the frozen policy a' = pi_dp(s', w');
+  Q^W(s, w)  distilled from min Q^A(s, pi_dp(s, w)) on fresh w ~ N(0, I): noise that decodes to the same
+             action gets the same value ("aliasing"), so Q^W learns from every noise, not only those tried;
+  pi^W(w|s)  a tanh-Gaussian noise actor in Box(-b, b), maximising Q^W with an automatic entropy temperature.
+Because Q^A is defined on actions, offline (s, a, r, s') demonstrations can go into the buffer as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .policy import SteerablePolicy
+
+
+@dataclass
+class DSRLNAConfig:
+    noise_bound: float = 1.5
+    hidden: int = 256
+    layers: int = 2
+    gamma: float = 0.99  # per decision (one action chunk)
+    tau: float = 0.005
+    lr: float = 3e-4
+    batch_size: int = 256
+    buffer_size: int = 100_000
+    updates_per_decision: int = 1
+    distill_steps: int = 1  # Q^W regression steps per update
+
+
+def mlp(in_dim: int, out_dim: int, hidden: int, layers: int) -> nn.Sequential:
+    widths = [in_dim] + [hidden] * layers
+    blocks: list[nn.Module] = []
+    for width_in, width_out in zip(widths[:-1], widths[1:]):
+        blocks += [nn.Linear(width_in, width_out), nn.ReLU()]
+    return nn.Sequential(*blocks, nn.Linear(widths[-1], out_dim))
+
+
+class NoiseActor(nn.Module):
+    """pi^W(w | s): obs (B, obs_dim) -> noise (B, noise_dim) in (-b, b), squashed Gaussian."""
+
+    def __init__(self, obs_dim: int, noise_dim: int, noise_bound: float, hidden: int, layers: int):
+        super().__init__()
+        self.body = mlp(obs_dim, 2 * noise_dim, hidden, layers)
+        self.noise_bound = noise_bound
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample w (B, noise_dim) and log pi(w|s) (B,), with the tanh change of variables."""
+        mean, log_std = self.body(obs).chunk(2, dim=-1)
+        std = log_std.clamp(-5, 2).exp()
+        pre_tanh = mean + std * torch.randn_like(mean)
+        squashed = torch.tanh(pre_tanh)
+        log_prob = torch.distributions.Normal(mean, std).log_prob(pre_tanh)
+        log_prob = log_prob - torch.log(self.noise_bound * (1 - squashed.pow(2)) + 1e-6)
+        return self.noise_bound * squashed, log_prob.sum(-1)
+
+    def deterministic(self, obs: torch.Tensor) -> torch.Tensor:
+        mean, _ = self.body(obs).chunk(2, dim=-1)
+        return self.noise_bound * torch.tanh(mean)
+
+
+class Batch(NamedTuple):
+    obs: torch.Tensor  # (B, obs_dim)
+    actions: torch.Tensor  # (B, H*A) executed chunk, env units
+    rewards: torch.Tensor  # (B,) summed over the chunk
+    next_obs: torch.Tensor  # (B, obs_dim)
+    dones: torch.Tensor  # (B,) 1.0 on termination (not truncation)
+
+
+class ReplayBuffer:
+    """A ring buffer of chunk transitions, numpy arrays (saved as .npz, no pickle)."""
+
+    fields = ("obs", "actions", "rewards", "next_obs", "dones")
+
+    def __init__(self, capacity: int, obs_dim: int, action_dim: int):
+        self.capacity, self.pos, self.size = capacity, 0, 0
+        self.obs = np.zeros((capacity, obs_dim), np.float32)
+        self.actions = np.zeros((capacity, action_dim), np.float32)
+        self.rewards = np.zeros(capacity, np.float32)
+        self.next_obs = np.zeros((capacity, obs_dim), np.float32)
+        self.dones = np.zeros(capacity, np.float32)
+
+    def add(self, obs, actions, reward, next_obs, done) -> None:
+        i = self.pos
+        self.obs[i], self.actions[i], self.rewards[i] = obs, np.asarray(actions).reshape(-1), reward
+        self.next_obs[i], self.dones[i] = next_obs, float(done)
+        self.pos, self.size = (i + 1) % self.capacity, min(self.size + 1, self.capacity)
+
+    def sample(self, batch_size: int, rng: np.random.Generator) -> Batch:
+        index = rng.integers(0, self.size, batch_size)
+        return Batch(*(torch.as_tensor(getattr(self, name)[index]) for name in self.fields))
+
+    def save(self, path: str | Path) -> None:
+        np.savez(path, pos=self.pos, size=self.size, **{name: getattr(self, name) for name in self.fields})
+
+    def load(self, path: str | Path) -> None:
+        with np.load(path, allow_pickle=False) as data:
+            for name in self.fields:
+                getattr(self, name)[...] = data[name]
+            self.pos, self.size = int(data["pos"]), int(data["size"])
+
+
+class DSRLNA(nn.Module):
+    """The learnable parts of DSRL-NA; `policy` is the frozen diffusion policy (not a submodule, never saved)."""
+
+    def __init__(self, policy: SteerablePolicy, obs_dim: int, config: DSRLNAConfig):
+        super().__init__()
+        # Plain attribute, not a submodule: the frozen policy must stay out of state_dict() and the optimizers.
+        object.__setattr__(self, "policy", policy)
+        self.config = config
+        self.noise_shape = (policy.horizon, policy.act_dim)
+        noise_dim = action_dim = policy.horizon * policy.act_dim
+        sizes = (config.hidden, config.layers)
+        self.actor = NoiseActor(obs_dim, noise_dim, config.noise_bound, *sizes)
+        self.qa1, self.qa2 = mlp(obs_dim + action_dim, 1, *sizes), mlp(obs_dim + action_dim, 1, *sizes)
+        self.qa1_target, self.qa2_target = mlp(obs_dim + action_dim, 1, *sizes), mlp(obs_dim + action_dim, 1, *sizes)
+        self.qa1_target.load_state_dict(self.qa1.state_dict())
+        self.qa2_target.load_state_dict(self.qa2.state_dict())
+        self.qw = mlp(obs_dim + noise_dim, 1, *sizes)
+        self.log_alpha = nn.Parameter(torch.zeros(1))
+        self.target_entropy = -float(noise_dim)
+        self.qa_optimizer = torch.optim.Adam([*self.qa1.parameters(), *self.qa2.parameters()], lr=config.lr)
+        self.qw_optimizer = torch.optim.Adam(self.qw.parameters(), lr=config.lr)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.lr)
+        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=config.lr)
+
+    def decode(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """obs (B, obs_dim), noise (B, H*A) -> flattened action chunk (B, H*A) through the frozen policy."""
+        with torch.no_grad():
+            return self.policy(obs, noise.view(-1, *self.noise_shape)).flatten(1)
+
+    def min_qa(self, obs: torch.Tensor, actions: torch.Tensor, target: bool = False) -> torch.Tensor:
+        q1, q2 = (self.qa1_target, self.qa2_target) if target else (self.qa1, self.qa2)
+        obs_actions = torch.cat([obs, actions], dim=-1)
+        return torch.min(q1(obs_actions), q2(obs_actions)).squeeze(-1)
+
+    def update(self, batch: Batch) -> dict[str, float]:
+        """One DSRL-NA update: soft TD on Q^A, distil Q^W, improve pi^W, tune alpha, move the targets."""
+        alpha = self.log_alpha.exp().detach()
+        with torch.no_grad():
+            next_noise, next_log_prob = self.actor(batch.next_obs)
+            next_q = self.min_qa(batch.next_obs, self.decode(batch.next_obs, next_noise), target=True)
+            td_target = batch.rewards + self.config.gamma * (1 - batch.dones) * (next_q - alpha * next_log_prob)
+        obs_actions = torch.cat([batch.obs, batch.actions], dim=-1)
+        qa_loss = F.mse_loss(self.qa1(obs_actions).squeeze(-1), td_target) + F.mse_loss(
+            self.qa2(obs_actions).squeeze(-1), td_target
+        )
+        self.qa_optimizer.zero_grad(set_to_none=True)
+        qa_loss.backward()
+        self.qa_optimizer.step()
+
+        for _ in range(self.config.distill_steps):
+            # Fresh noise from the base distribution, clipped to the actor's range: Q^W(s, w) ~ Q^A(s, pi_dp(s, w)).
+            noise = torch.randn(batch.obs.shape[0], self.actor.body[-1].out_features // 2)
+            noise = noise.clamp(-self.config.noise_bound, self.config.noise_bound)
+            with torch.no_grad():
+                qw_target = self.min_qa(batch.obs, self.decode(batch.obs, noise))
+            qw_loss = F.mse_loss(self.qw(torch.cat([batch.obs, noise], dim=-1)).squeeze(-1), qw_target)
+            self.qw_optimizer.zero_grad(set_to_none=True)
+            qw_loss.backward()
+            self.qw_optimizer.step()
+
+        noise, log_prob = self.actor(batch.obs)
+        actor_loss = (alpha * log_prob - self.qw(torch.cat([batch.obs, noise], dim=-1)).squeeze(-1)).mean()
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_optimizer.step()
+
+        alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
+        self.alpha_optimizer.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        self.alpha_optimizer.step()
+
+        with torch.no_grad():
+            for net, target in ((self.qa1, self.qa1_target), (self.qa2, self.qa2_target)):
+                for param, target_param in zip(net.parameters(), target.parameters()):
+                    target_param.lerp_(param, self.config.tau)
+        return {"qa_loss": qa_loss.item(), "qw_loss": qw_loss.item(), "actor_loss": actor_loss.item(), "alpha": alpha.item()}
+
+    def act(self, obs: np.ndarray, deterministic: bool) -> np.ndarray:
+        """obs (obs_dim,) -> noise (H*A,) for the environment wrapper."""
+        obs_tensor = torch.as_tensor(np.asarray(obs, np.float32))[None]
+        with torch.no_grad():
+            noise = self.actor.deterministic(obs_tensor) if deterministic else self.actor(obs_tensor)[0]
+        return noise[0].numpy()
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"qa": self.qa_optimizer, "qw": self.qw_optimizer, "actor": self.actor_optimizer, "alpha": self.alpha_optimizer}
+
+    def save(self, folder: str | Path) -> None:
+        """agent.safetensors (all networks, log_alpha) and optimizers.pt (Adam states, loaded weights_only)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / "agent.safetensors"))
+        torch.save({name: opt.state_dict() for name, opt in self.optimizers().items()}, folder / "optimizers.pt")
+
+    def load(self, folder: str | Path, with_optimizers: bool = True) -> None:
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        self.load_state_dict(load_file(str(folder / "agent.safetensors")))
+        if with_optimizers and (folder / "optimizers.pt").is_file():
+            states = torch.load(folder / "optimizers.pt", weights_only=True)
+            for name, optimizer in self.optimizers().items():
+                optimizer.load_state_dict(states[name])

@@ -1,0 +1,84 @@
+"""The DSRL environment: act in the frozen policy's latent-noise space instead of the action space.
+
+An action of this wrapper is a flattened noise w in Box(-b, b)^(H*A). It is decoded with the current
+observation through the frozen steerable policy into an action chunk (H, A), which runs open-loop in the
+wrapped environment; the chunk's rewards are summed. Any off-the-shelf SAC trained on this environment
+is DSRL-SAC.
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from .envs import check_finite
+from .policy import SteerablePolicy
+
+
+def check_policy_matches(env: gym.Env, policy: SteerablePolicy) -> None:
+    """Raise before training if the policy's observation or action size does not fit the environment."""
+    obs_shape, act_shape = env.observation_space.shape, env.action_space.shape
+    if obs_shape != (policy.obs_dim,):
+        raise ValueError(f"the policy expects observations of size {policy.obs_dim}, the environment gives {obs_shape}")
+    if act_shape != (policy.act_dim,):
+        raise ValueError(f"the policy outputs actions of size {policy.act_dim}, the environment takes {act_shape}")
+
+
+class NoiseActionEnv(gym.Wrapper, gym.utils.RecordConstructorArgs):
+    """Wrap `env` so that actions are noise for `policy`; step() runs a whole action chunk.
+
+    Counters: `env_steps` counts every step of the wrapped environment (what budgets are measured in);
+    `episode_returns` collects the return of every finished episode, in environment reward units.
+    """
+
+    def __init__(self, env: gym.Env, policy: SteerablePolicy, noise_bound: float = 1.5):
+        if not noise_bound > 0:
+            raise ValueError(f"noise_bound must be > 0 (the latent action space is Box(-b, b)); got {noise_bound}")
+        # Recorded so gymnasium can recreate the wrapped env from its spec (its env checker does).
+        gym.utils.RecordConstructorArgs.__init__(self, policy=policy, noise_bound=noise_bound)
+        gym.Wrapper.__init__(self, env)
+        check_policy_matches(env, policy)
+        self.policy, self.noise_bound = policy, float(noise_bound)
+        self.noise_shape = (policy.horizon, policy.act_dim)
+        self.action_space = gym.spaces.Box(-self.noise_bound, self.noise_bound, (policy.horizon * policy.act_dim,), np.float32)
+        self.env_steps, self.episode_returns = 0, []
+        self._obs: np.ndarray | None = None
+        self._episode_return = 0.0
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        obs, info = self.env.reset(seed=seed, options=options)
+        check_finite("observation", obs)
+        self._obs, self._episode_return = obs, 0.0
+        return obs, info
+
+    def decode(self, obs: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        """obs (obs_dim,), noise (H*A,) -> action chunk (H, A), clipped to the wrapped action space."""
+        obs_tensor = torch.as_tensor(np.asarray(obs, np.float32))[None]
+        noise_tensor = torch.as_tensor(np.asarray(noise, np.float32)).reshape(1, *self.noise_shape)
+        with torch.no_grad():
+            chunk = self.policy(obs_tensor, noise_tensor)[0].cpu().numpy()
+        return np.clip(chunk, self.env.action_space.low, self.env.action_space.high)
+
+    def step(self, action):
+        if self._obs is None:
+            raise RuntimeError("call reset() before step()")
+        noise = np.clip(np.asarray(action, np.float32).reshape(-1), -self.noise_bound, self.noise_bound)
+        chunk = self.decode(self._obs, noise)
+        total_reward, terminated, truncated, info, executed = 0.0, False, False, {}, 0
+        for env_action in chunk:
+            obs, reward, terminated, truncated, info = self.env.step(env_action)
+            check_finite("observation", obs)
+            check_finite("reward", reward)
+            total_reward += float(reward)
+            executed += 1
+            if terminated or truncated:
+                break
+        self.env_steps += executed
+        self._episode_return += total_reward
+        self._obs = obs
+        if terminated or truncated:
+            self.episode_returns.append(self._episode_return)
+        # The whole decoded chunk (H, A), also where the episode ended before its last steps ran.
+        info = dict(info, env_steps=executed, action_chunk=chunk)
+        return obs, total_reward, terminated, truncated, info

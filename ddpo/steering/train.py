@@ -1,0 +1,199 @@
+"""`ddpo steer train`: one run of dsrl_sac, dsrl_na or sac_scratch, with metrics, checkpoints and a rollout GIF.
+
+A run folder holds config.json, metrics.jsonl (one line per evaluation), checkpoint/ (resumable; a resumed
+run starts a fresh episode) and rollout.gif (base against steered, same seed). Budgets count every
+environment step, the warm start included.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .envs import make_env, normalized_score, REFERENCE_RETURNS
+from .evaluate import ChunkActor, base_actor, evaluate, record_comparison, steered_actor
+from .noise_env import NoiseActionEnv, check_policy_matches
+
+METHODS = ("dsrl_sac", "dsrl_na", "sac_scratch")
+
+
+@dataclass
+class TrainConfig:
+    env_id: str
+    method: str
+    steps: int = 30_000  # environment steps, warm start included
+    seed: int = 0
+    policy: str | None = None  # base policy folder; None = the one shipped for env_id
+    noise_bound: float = 1.5
+    warm_start_steps: int = 1000
+    eval_every: int = 2500
+    eval_episodes: int = 10
+    checkpoint_every: int = 5000
+    hidden: int = 256
+    layers: int = 2
+    updates_per_decision: int = 1  # dsrl_na
+    offline_demos: bool = False  # dsrl_na: put degraded demonstrations into the replay buffer
+    video: bool = True
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if not self.noise_bound > 0:
+            raise ValueError(f"--noise-bound must be > 0, got {self.noise_bound}")
+        if self.steps <= 0 or self.eval_every <= 0 or self.eval_episodes <= 0:
+            raise ValueError("--steps, --eval-every and --eval-episodes must be positive")
+
+
+def load_base_policy(env_id: str, folder: str | None):
+    """The frozen diffusion policy for `env_id`: `folder`, or the shipped one. Checks sizes against the env."""
+    from .base import pretrained_path
+    from .policy import DiffusionPolicy
+
+    policy = DiffusionPolicy.from_pretrained(folder or pretrained_path(env_id))
+    check_policy_matches(make_env(env_id), policy)
+    trained_for = policy.config.env_id
+    if trained_for is not None and trained_for != env_id:
+        raise ValueError(f"the policy in {folder} was trained for {trained_for}, not {env_id}")
+    return policy
+
+
+class Progress:
+    """Evaluates, logs metrics.jsonl and checkpoints on an environment-step schedule."""
+
+    def __init__(self, config: TrainConfig, run_dir: Path, actor: Callable[[], ChunkActor], save: Callable[[dict], None], start: int):
+        self.config, self.run_dir, self.actor, self.save = config, run_dir, actor, save
+        self.next_eval = 0 if start == 0 else (start // config.eval_every + 1) * config.eval_every
+        self.next_checkpoint = (start // config.checkpoint_every + 1) * config.checkpoint_every
+        self.start_steps, self.start_time, self.eval_seconds = start, time.time(), 0.0
+        self.last_logged = -1
+
+    def __call__(self, env_steps: int, decisions: int, train_returns: list[float], final: bool = False) -> None:
+        if env_steps >= self.next_eval or (final and env_steps != self.last_logged):
+            self.log(env_steps, decisions, train_returns)
+            self.next_eval = (env_steps // self.config.eval_every + 1) * self.config.eval_every
+        if env_steps >= self.next_checkpoint or final:
+            self.save({"env_steps": env_steps, "decisions": decisions})
+            self.next_checkpoint = (env_steps // self.config.checkpoint_every + 1) * self.config.checkpoint_every
+
+    def log(self, env_steps: int, decisions: int, train_returns: list[float]) -> None:
+        started, self.last_logged = time.time(), env_steps
+        returns = evaluate(self.config.env_id, self.actor(), self.config.eval_episodes)
+        self.eval_seconds += time.time() - started
+        train_seconds = max(time.time() - self.start_time - self.eval_seconds, 1e-9)
+        record = {
+            "env_steps": env_steps,
+            "decisions": decisions,
+            "episodic_return_mean": float(returns.mean()),
+            "episodic_return_std": float(returns.std()),
+            "train_return_mean_last10": float(np.mean(train_returns[-10:])) if train_returns else None,
+            "env_steps_per_s": (env_steps - self.start_steps) / train_seconds,
+            "wall_s": time.time() - self.start_time,
+        }
+        if self.config.env_id in REFERENCE_RETURNS:
+            record["normalized_score"] = normalized_score(self.config.env_id, record["episodic_return_mean"])
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(json.dumps(record), flush=True)
+
+
+def _trim_metrics(run_dir: Path, env_steps: int) -> None:
+    """On resume, drop lines logged after the checkpoint (they will be logged again)."""
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["env_steps"] <= env_steps]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def train(config: TrainConfig, run_dir: str | Path) -> Path:
+    """Train (or resume) the run in `run_dir`; returns the folder."""
+    config.validate()
+    make_env(config.env_id)  # unknown ids and mismatched policies fail here, before anything is written
+    if config.method != "sac_scratch":
+        load_base_policy(config.env_id, config.policy)
+    run_dir = Path(run_dir)
+    checkpoint = run_dir / "checkpoint"
+    saved_config = run_dir / "config.json"
+    if saved_config.is_file():
+        previous = json.loads(saved_config.read_text())
+        if {k: v for k, v in previous.items() if k != "steps"} != {k: v for k, v in asdict(config).items() if k != "steps"}:
+            raise ValueError(f"{run_dir} holds a run with a different config; pick a new --name or use the same options")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved_config.write_text(json.dumps(asdict(config), indent=2))
+    torch.manual_seed(config.seed)
+    if config.method == "dsrl_na":
+        from .train_na import train_dsrl_na
+
+        actor_for_video = train_dsrl_na(config, run_dir, checkpoint)
+    else:
+        actor_for_video = _train_sb3(config, run_dir, checkpoint)
+    if config.video:
+        write_video(config, run_dir, actor_for_video)
+    return run_dir
+
+
+def write_video(config: TrainConfig, run_dir: Path, steered: ChunkActor) -> Path:
+    """rollout.gif: left the base policy (w ~ N(0, I)), right the trained agent; same seed."""
+    if config.method == "sac_scratch":
+        base = lambda obs: np.asarray(make_env(config.env_id).action_space.sample())[None]  # noqa: E731
+        actors = {"random": base, "sac_scratch": steered}
+    else:
+        actors = {"base": base_actor(load_base_policy(config.env_id, config.policy), "gaussian"), config.method: steered}
+    path, returns = record_comparison(config.env_id, actors, run_dir / "rollout.gif")
+    (run_dir / "rollout.json").write_text(json.dumps(returns))
+    return path
+
+
+def _train_sb3(config: TrainConfig, run_dir: Path, checkpoint: Path) -> ChunkActor:
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    from .sb3 import load_sac, make_sac, save_sac, warm_start
+
+    if config.method == "dsrl_sac":
+        policy = load_base_policy(config.env_id, config.policy)
+        env = NoiseActionEnv(make_env(config.env_id), policy, config.noise_bound)
+        env_steps = lambda: env.env_steps  # noqa: E731
+        train_returns = env.episode_returns
+    else:
+        env = make_env(config.env_id)
+        env_steps = lambda: model.num_timesteps  # noqa: E731
+        train_returns = []
+    learning_starts = config.warm_start_steps if config.method == "sac_scratch" else 0
+    model = make_sac(env, config.seed, config.hidden, config.layers, learning_starts=learning_starts)
+
+    def actor() -> ChunkActor:
+        if config.method == "dsrl_sac":
+            return steered_actor(policy, lambda obs: model.predict(obs, deterministic=True)[0])
+        return lambda obs: model.predict(obs, deterministic=True)[0][None]
+
+    progress = Progress(config, run_dir, actor, lambda s: save_sac(model, checkpoint, s), 0)
+    warm_decisions = 0  # decisions taken outside model.learn (the N(0, I) warm start), not in num_timesteps
+    if (checkpoint / "state.json").is_file():
+        state = load_sac(model, checkpoint)
+        warm_decisions = state["decisions"] - state["num_timesteps"]
+        if config.method == "dsrl_sac":
+            env.env_steps = state["env_steps"]
+        _trim_metrics(run_dir, state["env_steps"])
+        progress = Progress(config, run_dir, actor, lambda s: save_sac(model, checkpoint, s), state["env_steps"])
+        print(f"resumed {run_dir} at {state['env_steps']} environment steps", flush=True)
+    elif config.method == "dsrl_sac":
+        warm_decisions = warm_start(model, env, config.warm_start_steps, config.seed)
+
+    class Hook(BaseCallback):
+        def _on_step(self) -> bool:
+            if config.method == "sac_scratch":
+                for info in self.locals.get("infos", []):
+                    if "episode" in info:
+                        train_returns.append(float(info["episode"]["r"]))
+            progress(env_steps(), warm_decisions + model.num_timesteps, train_returns)
+            return env_steps() < config.steps
+
+    if env_steps() < config.steps:
+        model.learn(total_timesteps=10**9, callback=Hook(), reset_num_timesteps=False)
+    progress(env_steps(), warm_decisions + model.num_timesteps, train_returns, final=True)
+    return actor()

@@ -1,0 +1,148 @@
+"""DSRL on the two-goal toy, DSRL-NA and SB3 checkpoints, and training runs (metrics, resume, errors)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ddpo.steering.bc import train_bc
+from ddpo.steering.dsrl_na import DSRLNA, DSRLNAConfig, ReplayBuffer
+from ddpo.steering.envs import make_env, two_goal_expert
+from ddpo.steering.evaluate import base_actor, rollout, steered_actor
+from ddpo.steering.experts import Demos
+from ddpo.steering.noise_env import NoiseActionEnv
+from ddpo.steering.policy import DiffusionPolicyConfig
+
+HORIZON = 4
+
+
+def two_goal_demos(n_episodes: int, seed: int = 0) -> Demos:
+    """Each demonstration heads for the left or the right goal with probability 1/2 (only the right one pays)."""
+    rng = np.random.default_rng(seed)
+    env = make_env("TwoGoal-v0")
+    obs_rows, action_rows = [], []
+    for episode in range(n_episodes):
+        obs, _ = env.reset(seed=episode)
+        goal = 1.0 if rng.random() < 0.5 else -1.0
+        done = False
+        while not done:
+            chunk = []
+            obs_rows.append(obs)
+            for _ in range(HORIZON):
+                action = np.clip(two_goal_expert(obs, goal) + rng.normal(0, 0.05, 2), -1, 1).astype(np.float32)
+                chunk.append(action)
+                if not done:
+                    obs, _, terminated, truncated, _ = env.step(action)
+                    done = terminated or truncated
+            action_rows.append(np.stack(chunk))
+    n = len(obs_rows)
+    zeros = np.zeros(n, np.float32)
+    return Demos(np.asarray(obs_rows, np.float32), np.asarray(action_rows, np.float32), zeros, np.asarray(obs_rows, np.float32), zeros, zeros)
+
+
+@pytest.fixture(scope="module")
+def toy_policy():
+    config = DiffusionPolicyConfig(obs_dim=2, act_dim=2, horizon=HORIZON, hidden=64, num_inference_steps=5, env_id="TwoGoal-v0")
+    return train_bc(two_goal_demos(300), config, -np.ones(2), np.ones(2), steps=1500, batch_size=128, lr=2e-3)
+
+
+def success_rate(act, episodes: int = 60) -> float:
+    env = make_env("TwoGoal-v0")
+    return float(np.mean([rollout(env, act, seed=10_000 + i) > 0.5 for i in range(episodes)]))
+
+
+def test_dsrl_na_steers_the_two_goal_policy_to_the_rewarded_goal(toy_policy):
+    torch.manual_seed(0)
+    base = success_rate(base_actor(toy_policy, "gaussian", seed=1))
+    assert 0.25 <= base <= 0.75, f"the base should pick either goal about half the time, got {base}"
+
+    env = NoiseActionEnv(make_env("TwoGoal-v0"), toy_policy, noise_bound=1.5)
+    config = DSRLNAConfig(hidden=64, batch_size=64, lr=1e-3)
+    agent = DSRLNA(toy_policy, 2, config)
+    buffer, rng = ReplayBuffer(5_000, 2, 2 * HORIZON), np.random.default_rng(0)
+    obs, _ = env.reset(seed=0)
+    decisions = 0
+    for decisions in range(1, 5_001):
+        warm = decisions <= 100
+        noise = np.clip(rng.standard_normal(8), -1.5, 1.5) if warm else agent.act(obs, deterministic=False)
+        next_obs, reward, terminated, truncated, info = env.step(noise)
+        buffer.add(obs, info["action_chunk"], reward, next_obs, terminated)
+        obs = env.reset()[0] if terminated or truncated else next_obs
+        if not warm:
+            agent.update(buffer.sample(config.batch_size, rng))
+        if decisions % 200 == 0 and success_rate(steered_actor(toy_policy, lambda o: agent.act(o, True)), 30) >= 0.95:
+            break
+    steered = success_rate(steered_actor(toy_policy, lambda o: agent.act(o, deterministic=True)))
+    assert steered >= 0.9, f"DSRL-NA reached {steered:.2f} success after {decisions} decisions (base {base:.2f})"
+
+
+def test_dsrl_na_save_load_round_trip(tmp_path, toy_policy):
+    agent = DSRLNA(toy_policy, 2, DSRLNAConfig(hidden=32, batch_size=8))
+    buffer, rng = ReplayBuffer(100, 2, 8), np.random.default_rng(0)
+    for i in range(20):
+        buffer.add(rng.normal(size=2), rng.normal(size=8), float(i), rng.normal(size=2), i % 5 == 0)
+    agent.update(buffer.sample(8, rng))
+    agent.save(tmp_path)
+    buffer.save(tmp_path / "replay.npz")
+    loaded, loaded_buffer = DSRLNA(toy_policy, 2, DSRLNAConfig(hidden=32, batch_size=8)), ReplayBuffer(100, 2, 8)
+    loaded.load(tmp_path)
+    loaded_buffer.load(tmp_path / "replay.npz")
+    obs = np.array([0.1, -0.2], np.float32)
+    np.testing.assert_array_equal(agent.act(obs, deterministic=True), loaded.act(obs, deterministic=True))
+    assert loaded.qa_optimizer.state_dict()["state"].keys() == agent.qa_optimizer.state_dict()["state"].keys()
+    assert (loaded_buffer.size, loaded_buffer.pos) == (20, 20)
+    np.testing.assert_array_equal(loaded_buffer.rewards, buffer.rewards)
+    assert not any(key.startswith("policy.") for key in agent.state_dict()), "the frozen policy must not be saved"
+
+
+def test_sb3_checkpoint_round_trip(tmp_path, toy_policy):
+    from ddpo.steering.sb3 import load_sac, make_sac, save_sac, warm_start
+
+    env = NoiseActionEnv(make_env("TwoGoal-v0"), toy_policy)
+    model = make_sac(env, seed=0, hidden=32, buffer_size=500)
+    assert warm_start(model, env, env_steps=40, seed=0) > 0
+    model.learn(total_timesteps=30, reset_num_timesteps=False)
+    save_sac(model, tmp_path, {"env_steps": env.env_steps, "decisions": 7})
+    loaded = make_sac(NoiseActionEnv(make_env("TwoGoal-v0"), toy_policy), seed=1, hidden=32, buffer_size=500)
+    state = load_sac(loaded, tmp_path)
+    obs = np.array([0.3, 0.0], np.float32)
+    np.testing.assert_array_equal(model.predict(obs, deterministic=True)[0], loaded.predict(obs, deterministic=True)[0])
+    assert state["decisions"] == 7 and loaded.num_timesteps == model.num_timesteps
+    assert loaded.replay_buffer.pos == model.replay_buffer.pos
+    np.testing.assert_array_equal(loaded.replay_buffer.actions, model.replay_buffer.actions)
+
+
+def test_train_run_writes_metrics_and_resumes(tmp_path, toy_policy):
+    from ddpo.steering.train import TrainConfig, train
+
+    toy_policy.save_pretrained(tmp_path / "policy")
+    config = dict(env_id="TwoGoal-v0", method="dsrl_na", policy=str(tmp_path / "policy"), warm_start_steps=40,
+                  eval_every=60, eval_episodes=2, checkpoint_every=60, hidden=32)
+    run = tmp_path / "run"
+    train(TrainConfig(steps=120, **config), run)
+    first = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"env_steps", "episodic_return_mean", "episodic_return_std"} <= first[0].keys()
+    assert (run / "rollout.gif").stat().st_size > 0
+    train(TrainConfig(steps=240, **config), run)  # same run, bigger budget: resumes from the checkpoint
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [line["env_steps"] for line in lines]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps), steps
+    assert lines[: len(first)] == first[: len(lines)][: len(first)] or steps[-1] >= 240
+    assert steps[-1] >= 240 and json.loads((run / "checkpoint" / "state.json").read_text())["env_steps"] >= 240
+
+
+def test_cli_reports_bad_input_clearly(capsys, tmp_path):
+    from ddpo.steering.cli import main
+
+    assert main(["train", "--env", "CartPole-v9", "--method", "dsrl_na", "--runs-dir", str(tmp_path)]) == 2
+    assert "unknown environment id 'CartPole-v9'" in capsys.readouterr().err
+    assert main(["train", "--env", "Pendulum-v1", "--method", "dsrl_sac", "--noise-bound", "0", "--runs-dir", str(tmp_path)]) == 2
+    assert "--noise-bound must be > 0" in capsys.readouterr().err
+    assert main(["train", "--env", "Reacher-v5", "--method", "dsrl_sac", "--policy",
+                 str(__import__("ddpo.steering.base", fromlist=["x"]).pretrained_path("Pendulum-v1")),
+                 "--runs-dir", str(tmp_path)]) == 2
+    assert "observations of size 3" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir()), "a rejected run must not leave files behind"
