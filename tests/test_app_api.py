@@ -236,14 +236,15 @@ def test_steering_base_against_steered(app):
     from ddpo.steering.api import run_episodes
 
     client, settings, _ = app
-    summary, table, gif = client.predict("Pendulum-v1", "shipped", "pend", 2, 3, True, api_name="/steer")
+    summary, table, gif = client.predict("Pendulum-v1", "shipped", "pend", 2, 3, False, api_name="/steer")
     base, steered, _ = run_episodes("Pendulum-v1", None, str(settings.runs_dir / "pend"), n=2, seed=3, render=False)
     assert [row[1] for row in table["data"]] == [3, 4]
     np.testing.assert_allclose(column(table, "base return"), base, atol=1e-3)
     np.testing.assert_allclose(column(table, "steered return"), steered, atol=1e-3)
-    assert "Steered" in summary and Path(gif).is_file()
-    summary, table, gif = client.predict("Pendulum-v1", "shipped", "(none: base policy only)", 1, 3, False,
+    assert "Steered" in summary and gif is None
+    summary, table, gif = client.predict("Pendulum-v1", "shipped", "(none: base policy only)", 1, 3, True,
                                          api_name="/steer")
-    assert table["data"][0][3] is None and gif is None and "Steered" not in summary
+    assert table["data"][0][3] is None and "Steered" not in summary
+    assert Path(gif).is_file() and Path(gif).read_bytes()[:3] == b"GIF"
     with pytest.raises(AppError, match="is not a Pendulum-v1 run"):
         client.predict("Pendulum-v1", "shipped", "../pend", 1, 0, False, api_name="/steer")
