@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -118,3 +119,34 @@ def test_metrics_reader_skips_a_half_written_line(tmp_path):
     assert [r["epoch"] for r in rows] == [0, 1]
     frame = curve_frame(rows)
     assert frame.values.tolist() == [[0, 1.5, "reward_mean"], [1, 2.0, "reward_mean"], [1, 3.0, "eval_reward_mean"]]
+
+
+def test_app_main_listens_on_localhost_without_share_or_analytics(monkeypatch):
+    import app
+    import ddpo.ui
+
+    launched = {}
+
+    class FakeDemo:
+        class training:  # noqa: N801 - stands in for the TrainingManager attribute
+            stopped = False
+
+            @classmethod
+            def stop(cls):
+                cls.stopped = True
+
+        def launch(self, **kwargs):
+            launched.update(kwargs)
+
+    def fake_build_app(settings):
+        launched["settings"] = settings
+        return FakeDemo()
+
+    monkeypatch.delenv("GRADIO_ANALYTICS_ENABLED", raising=False)
+    monkeypatch.setattr(ddpo.ui, "build_app", fake_build_app)
+    assert app.main(["--runs-dir", "my-runs", "--max-images", "3"]) == 0
+    assert launched["server_name"] == "127.0.0.1" and launched["server_port"] == 7860 and launched["share"] is False
+    assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+    assert str(launched["settings"].runs_dir) == "my-runs" and launched["settings"].limits.max_images == 3
+    assert FakeDemo.training.stopped  # a run started from the UI does not outlive it
+    assert app.main(["--max-images", "0"]) == 2
