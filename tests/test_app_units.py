@@ -150,3 +150,14 @@ def test_app_main_listens_on_localhost_without_share_or_analytics(monkeypatch):
     assert str(launched["settings"].runs_dir) == "my-runs" and launched["settings"].limits.max_images == 3
     assert FakeDemo.training.stopped  # a run started from the UI does not outlive it
     assert app.main(["--max-images", "0"]) == 2
+
+
+def test_default_model_falls_back_to_tiny_random_with_a_notice(monkeypatch, tmp_path):
+    from ddpo.ui import pickers
+
+    monkeypatch.setattr(pickers, "shapes_available", lambda: (False, "ShapesWeightsError: manifest missing"))
+    model, notice = pickers.default_model(AppSettings(runs_dir=tmp_path))
+    assert model == "tiny-random" and "manifest missing" in notice
+    monkeypatch.setattr(pickers, "shapes_available", lambda: (True, ""))
+    assert pickers.default_model(AppSettings(runs_dir=tmp_path)) == ("shapes", "")
+    assert pickers.default_model(AppSettings(runs_dir=tmp_path, default_model="tiny-random")) == ("tiny-random", "")
