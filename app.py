@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     demo = build_app(settings)
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share,
-                    max_file_size=f"{settings.limits.max_upload_mb}mb", footer_links=["api"])
+                    max_file_size=f"{settings.limits.max_upload_mb}mb", footer_links=["api"],
+                    run_history=False)  # its history page can upload runs to a Hugging Face bucket
     except OSError as err:
         print(f"ddpo app: cannot listen on {args.host}:{args.port} ({err}); pass --port N", file=sys.stderr)
         return 1

@@ -146,6 +146,7 @@ def test_app_main_listens_on_localhost_without_share_or_analytics(monkeypatch):
     monkeypatch.setattr(ddpo.ui, "build_app", fake_build_app)
     assert app.main(["--runs-dir", "my-runs", "--max-images", "3"]) == 0
     assert launched["server_name"] == "127.0.0.1" and launched["server_port"] == 7860 and launched["share"] is False
+    assert launched["run_history"] is False
     assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
     assert str(launched["settings"].runs_dir) == "my-runs" and launched["settings"].limits.max_images == 3
     assert FakeDemo.training.stopped  # a run started from the UI does not outlive it
