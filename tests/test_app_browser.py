@@ -48,7 +48,6 @@ def test_generate_and_see_scores_in_a_real_browser(app_url):
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
             page.goto(url, wait_until="domcontentloaded")
             page.get_by_role("tab", name="Compare rewards").wait_for(timeout=30_000)
-            page.locator("#compare-steps input[type=number]").fill("4")
             page.locator("#compare-go").click()
             # the scores table fills with one row per image (4 by default) and a column per reward
             scores = page.locator("#compare-scores")
