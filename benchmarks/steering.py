@@ -4,7 +4,7 @@ Resumable and incremental: each (env, method, seed) trains in runs/bench_steerin
 and, once finished, its metrics are copied to benchmarks/results/steering/<key>.jsonl; finished keys are skipped.
 Jobs run seed-major, so a cut-off benchmark still covers every method for the first seeds.
 
-    nice -n 10 python benchmarks/steering.py run --seeds 0 1 2 --steps 30000 [--worker 0 --workers 2]
+    nice -n 10 python benchmarks/steering.py run --seeds 0 1 2 --steps 30000   (start it twice for two workers)
     python benchmarks/steering.py report      # table (markdown) and curves (PNG) from whatever has finished
 """
 
@@ -28,17 +28,43 @@ ENVS = ("Pendulum-v1", "Reacher-v5")
 METHODS = ("base", "dsrl_sac", "dsrl_na", "sac_scratch")
 
 
+def claim(key: str) -> bool:
+    """Atomically claim a job for this process (a .claim file holding its pid); stale claims are taken over."""
+    path = RESULTS / f"{key}.claim"
+    if path.is_file():
+        try:
+            os.kill(int(path.read_text()), 0)
+            return False  # another live worker has it
+        except (ProcessLookupError, ValueError):
+            path.unlink(missing_ok=True)
+    try:
+        handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.write(handle, str(os.getpid()).encode())
+    os.close(handle)
+    return True
+
+
 def run_job(env_id: str, method: str, seed: int, steps: int, eval_every: int, eval_episodes: int, runs_dir: Path) -> None:
     key = f"{env_id}_{method}_s{seed}"
     result = RESULTS / f"{key}.jsonl"
-    if result.is_file():
+    if result.is_file() or not claim(key):
         return
+    try:
+        _run_job(key, env_id, method, seed, steps, eval_every, eval_episodes, runs_dir)
+    finally:
+        (RESULTS / f"{key}.claim").unlink(missing_ok=True)
+
+
+def _run_job(key: str, env_id: str, method: str, seed: int, steps: int, eval_every: int, eval_episodes: int, runs_dir: Path) -> None:
+    result = RESULTS / f"{key}.jsonl"
     print(f"=== {key}", flush=True)
     if method == "base":
         # The frozen policy has no training: one evaluation, repeated at the budget's ends for the curves.
         from ddpo.steering.api import compare_base
 
-        summary = compare_base(env_id, episodes=eval_episodes)
+        summary = compare_base(env_id, episodes=eval_episodes, noise_seed=seed)
         lines = [{"env_steps": s, "episodic_return_mean": summary["base_gaussian"]["return_mean"],
                   "episodic_return_std": summary["base_gaussian"]["return_std"], "base_zero": summary["base_zero"],
                   "expert": summary["expert"]} for s in (0, steps)]
@@ -127,8 +153,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--steps", type=int, default=30_000)
     parser.add_argument("--eval-every", type=int, default=2500)
     parser.add_argument("--eval-episodes", type=int, default=10)
-    parser.add_argument("--worker", type=int, default=0, help="this process runs jobs worker, worker + workers, ...")
-    parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--runs-dir", default="runs/bench_steering")
     args = parser.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -142,7 +166,7 @@ def main(argv: list[str]) -> int:
 
     torch.set_num_threads(1)
     jobs = [(env_id, method, seed) for seed in args.seeds for env_id in args.envs for method in args.methods]
-    for env_id, method, seed in jobs[args.worker :: args.workers]:
+    for env_id, method, seed in jobs:  # start several processes to run jobs in parallel: each claims its own
         run_job(env_id, method, seed, args.steps, args.eval_every, args.eval_episodes, Path(args.runs_dir))
     return 0
 

@@ -9,8 +9,6 @@ import json
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from .base import PRETRAINED_DIR
 from .evaluate import EVAL_SEED, ChunkActor, base_actor, evaluate, record_comparison, steered_actor
 
@@ -105,15 +103,16 @@ def run_episodes(
     return returns["base"], returns.get("steered"), video_path
 
 
-def compare_base(env_id: str, policy: str | None = None, episodes: int = 10) -> dict:
-    """Base policy with w ~ N(0, I) and w = 0, and the scripted expert, on the fixed evaluation seeds."""
+def compare_base(env_id: str, policy: str | None = None, episodes: int = 10, noise_seed: int = 0) -> dict:
+    """Base policy with w ~ N(0, I) (noise drawn from `noise_seed`) and w = 0, and the scripted expert,
+    on the fixed evaluation seeds."""
     from .envs import REFERENCE_RETURNS, make_env, normalized_score
     from .experts import EXPERTS
     from .train import load_base_policy
 
     base_policy = load_base_policy(env_id, policy)
     actors = {
-        "base_gaussian": base_actor(base_policy, "gaussian"),
+        "base_gaussian": base_actor(base_policy, "gaussian", noise_seed),
         "base_zero": base_actor(base_policy, "zero"),
         "expert": lambda obs: EXPERTS[env_id](obs)[None],
     }

@@ -16,7 +16,10 @@ import torch
 _BUFFER_FIELDS = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
 
 
-def make_sac(env, seed: int, hidden: int = 256, layers: int = 2, learning_starts: int = 0, buffer_size: int = 100_000):
+def make_sac(
+    env, seed: int, hidden: int = 256, layers: int = 2, learning_starts: int = 0, buffer_size: int = 100_000,
+    gradient_steps: int = 1,
+):
     from stable_baselines3 import SAC
     from stable_baselines3.common.logger import Logger
 
@@ -26,6 +29,7 @@ def make_sac(env, seed: int, hidden: int = 256, layers: int = 2, learning_starts
         learning_starts=learning_starts,
         buffer_size=buffer_size,
         batch_size=256,
+        gradient_steps=gradient_steps,
         policy_kwargs={"net_arch": [hidden] * layers},
         seed=seed,
         device="cpu",

@@ -37,7 +37,7 @@ class TrainConfig:
     checkpoint_every: int = 5000
     hidden: int = 256
     layers: int = 2
-    updates_per_decision: int = 1  # dsrl_na
+    updates_per_decision: int = 1  # gradient updates per decision (one action chunk), dsrl_sac and dsrl_na
     offline_demos: bool = False  # dsrl_na: put degraded demonstrations into the replay buffer
     video: bool = True
 
@@ -164,7 +164,9 @@ def _train_sb3(config: TrainConfig, run_dir: Path, checkpoint: Path) -> ChunkAct
         env_steps = lambda: model.num_timesteps  # noqa: E731
         train_returns = []
     learning_starts = config.warm_start_steps if config.method == "sac_scratch" else 0
-    model = make_sac(env, config.seed, config.hidden, config.layers, learning_starts=learning_starts)
+    # DSRL-SAC: updates_per_decision gradient steps per chunk; SAC from scratch: one per environment step.
+    gradient_steps = config.updates_per_decision if config.method == "dsrl_sac" else 1
+    model = make_sac(env, config.seed, config.hidden, config.layers, learning_starts, gradient_steps=gradient_steps)
 
     def actor() -> ChunkActor:
         if config.method == "dsrl_sac":
