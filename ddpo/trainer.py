@@ -129,6 +129,7 @@ def train(config: Config, resume: str | None = None) -> Path:
 
     grammar = load_grammar(config.prompts.grammar)  # grammar and reward errors surface before the model loads
     _check_splits(grammar, config)
+    _check_trackers(config)
     reward_pool = RewardPool(config.reward.name, config.reward.kwargs, config.reward.executor)
     try:
         pipe, params = build_policy(config, accelerator.device)
@@ -161,6 +162,14 @@ def train(config: Config, resume: str | None = None) -> Path:
 
         AcceleratorState._reset_state()
     return run_dir
+
+
+def _check_trackers(config: Config) -> None:
+    import importlib.util
+
+    if config.logging.wandb and importlib.util.find_spec("wandb") is None:
+        raise ImportError("logging.wandb=true needs wandb: pip install wandb (or pip install 'ddpo[wandb]'), "
+                          "or set logging.wandb=false")
 
 
 def _check_splits(grammar, config: Config) -> None:

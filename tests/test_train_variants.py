@@ -49,3 +49,12 @@ def test_8bit_adam_without_bitsandbytes_says_how_to_install(tmp_path):
         pass
     with pytest.raises(ImportError, match="pip install bitsandbytes"):
         run(tmp_path, "train.use_8bit_adam=true")
+
+
+def test_wandb_without_the_package_fails_before_the_model_loads(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed")
+    with pytest.raises(ImportError, match="pip install wandb"):
+        run(tmp_path, "logging.wandb=true", "model.pretrained=never/loaded")
