@@ -7,8 +7,8 @@ import numpy as np
 
 SUPPORTED = ("Pendulum-v1", "Reacher-v5", "TwoGoal-v0")
 
-# Mean returns measured with `benchmarks/steering.py --references` (fixed evaluation seeds): the uniform-random
-# policy and the scripted expert, used to normalise scores as (R - random) / (expert - random).
+# Mean returns over 20 episodes (expert: reset seeds 1000-1019, uniform random: 2000-2019) of the scripted
+# expert and of uniform-random actions; scores are normalised as (R - random) / (expert - random).
 REFERENCE_RETURNS: dict[str, dict[str, float]] = {
     "Pendulum-v1": {"random": -1219.2, "expert": -154.7},
     "Reacher-v5": {"random": -43.5, "expert": -6.3},

@@ -92,6 +92,14 @@ def _draw_pendulum(obs: np.ndarray, size: int = 160) -> np.ndarray:
     return np.asarray(image)
 
 
+def _label(frame: np.ndarray, text: str) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    image = Image.fromarray(frame)
+    ImageDraw.Draw(image).text((4, 2), text, fill=(0, 0, 0))
+    return np.asarray(image)
+
+
 def record_comparison(env_id: str, actors: dict[str, ChunkActor], path: str | Path, seed: int = EVAL_SEED) -> tuple[Path, dict[str, float]]:
     """Render one episode per actor (same seed) side by side into a GIF; returns the path and each return."""
     import imageio.v2 as imageio
@@ -103,6 +111,7 @@ def record_comparison(env_id: str, actors: dict[str, ChunkActor], path: str | Pa
         returns[name] = rollout(env, act, seed, frames)
         env.close()
         clips.append(frames)
+    clips = [[_label(frame, name) for frame in clip] for name, clip in zip(actors, clips)]
     length = max(len(clip) for clip in clips)
     clips = [clip + [clip[-1]] * (length - len(clip)) for clip in clips]  # hold the last frame of shorter episodes
     joined = [np.concatenate([clip[t] for clip in clips], axis=1) for t in range(length)]

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .dsrl_na import DSRLNA, DSRLNAConfig, ReplayBuffer
 from .envs import make_env
