@@ -169,3 +169,22 @@ def test_cli_reports_bad_input_clearly(capsys, tmp_path):
                  "--runs-dir", str(tmp_path)]) == 2
     assert "observations of size 3" in capsys.readouterr().err
     assert not list(tmp_path.iterdir()), "a rejected run must not leave files behind"
+
+
+def test_offline_demonstrations_go_into_the_replay_buffer_as_chunk_transitions():
+    from ddpo.steering.train_na import add_offline_demos
+
+    buffer = ReplayBuffer(20_000, 3, 4)
+    added = add_offline_demos(buffer, "Pendulum-v1", seed=0)
+    assert added == buffer.size == 5_000  # 100 episodes x 50 chunks of 4 steps
+    assert np.all(np.abs(buffer.actions[:added]) <= 2.0) and np.all(buffer.rewards[:added] <= 0)
+    assert np.all(np.isfinite(buffer.next_obs[:added]))
+
+
+def test_cli_list_shows_the_shipped_base_policies(capsys, tmp_path):
+    from ddpo.cli import main
+
+    assert main(["steer", "list", "--runs-dir", str(tmp_path)]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert {p["env_id"] for p in listing["base_policies"]} == {"Pendulum-v1", "Reacher-v5"}
+    assert listing["runs"] == []
