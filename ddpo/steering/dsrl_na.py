@@ -117,7 +117,7 @@ class DSRLNA(nn.Module):
         object.__setattr__(self, "policy", policy)
         self.config = config
         self.noise_shape = (policy.horizon, policy.act_dim)
-        noise_dim = action_dim = policy.horizon * policy.act_dim
+        self.noise_dim = noise_dim = action_dim = policy.horizon * policy.act_dim
         sizes = (config.hidden, config.layers)
         self.actor = NoiseActor(obs_dim, noise_dim, config.noise_bound, *sizes)
         self.qa1, self.qa2 = mlp(obs_dim + action_dim, 1, *sizes), mlp(obs_dim + action_dim, 1, *sizes)
@@ -159,7 +159,7 @@ class DSRLNA(nn.Module):
 
         for _ in range(self.config.distill_steps):
             # Fresh noise from the base distribution, clipped to the actor's range: Q^W(s, w) ~ Q^A(s, pi_dp(s, w)).
-            noise = torch.randn(batch.obs.shape[0], self.actor.body[-1].out_features // 2)
+            noise = torch.randn(batch.obs.shape[0], self.noise_dim)
             noise = noise.clamp(-self.config.noise_bound, self.config.noise_bound)
             with torch.no_grad():
                 qw_target = self.min_qa(batch.obs, self.decode(batch.obs, noise))
