@@ -96,7 +96,7 @@ def _label(frame: np.ndarray, text: str) -> np.ndarray:
     from PIL import Image, ImageDraw
 
     image = Image.fromarray(frame)
-    ImageDraw.Draw(image).text((4, 2), text, fill=(0, 0, 0))
+    ImageDraw.Draw(image).text((4, 2), text, fill=(255, 255, 255), stroke_width=2, stroke_fill=(0, 0, 0))
     return np.asarray(image)
 
 
