@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ddpo.shapes import PRETRAINED_DIR
 
-STAGES = ["vae", "unet", "captioner", "assemble"]
+STAGES = ["vae", "decoder", "unet", "captioner", "assemble"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,7 +21,8 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--work-dir", type=Path, default=Path("runs/shapes_pretrain"), help="intermediate files and logs")
     pre.add_argument("--out", type=Path, default=PRETRAINED_DIR, help="where the pipeline and captioner are written")
     pre.add_argument("--stages", default=",".join(STAGES),
-                     help=f"comma-separated subset of {STAGES}; 'unet' and 'captioner' can run as two processes")
+                     help=f"comma-separated subset of {STAGES}; after 'vae', 'decoder' and 'unet' can run as two "
+                          "processes, then 'captioner' (it reads the final VAE)")
     pre.add_argument("--pipeline", default="pipeline", help="which work-dir pipeline folder 'assemble' ships")
     for f in fields(PretrainConfig):
         pre.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
@@ -34,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--guidance", type=float, default=5.0)
     ev.add_argument("--eta", type=float, default=1.0)
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--rare-only", action="store_true", help="only the six rare pairs (faster)")
     ev.add_argument("--grid", type=Path, default=None, help="write a PNG grid of the rare pairs here")
     ev.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     return parser
@@ -61,6 +63,8 @@ def _pretrain(args: argparse.Namespace) -> int:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     if "vae" in stages:
         pretrain.train_vae(cfg, args.work_dir)
+    if "decoder" in stages:
+        pretrain.train_decoder(cfg, args.work_dir)
     if "unet" in stages:
         pretrain.train_unet(cfg, args.work_dir)
     if "captioner" in stages:
@@ -75,10 +79,12 @@ def _eval(args: argparse.Namespace) -> int:
     import json
 
     from ddpo.shapes.evaluate import evaluate_pipeline, load_pipeline
+    from ddpo.shapes.world import RARE_PAIRS
 
     pipe = load_pipeline(args.model, args.lora)
     result = evaluate_pipeline(pipe, per_pair=args.per_pair, steps=args.steps, guidance=args.guidance,
-                               eta=args.eta, seed=args.seed, grid_path=args.grid)
+                               eta=args.eta, seed=args.seed, pairs=RARE_PAIRS if args.rare_only else None,
+                               grid_path=args.grid)
     print(json.dumps({k: v for k, v in result.items() if k != "per_pair"}, indent=1))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

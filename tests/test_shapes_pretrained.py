@@ -1,0 +1,101 @@
+"""The shipped Shapes weights: the pipeline loads offline and draws the world; the captioner reads it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ddpo.shapes import pipeline_path
+from ddpo.shapes.world import RARE_PAIRS, caption, render, sample_scenes
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline_path())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def captioner():
+    from ddpo.shapes.captioner import ShapesCaptioner
+
+    return ShapesCaptioner()
+
+
+def test_shipped_files_are_small_and_standard():
+    root = pipeline_path().parent
+    total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    assert total <= 15e6, f"shipped Shapes weights are {total / 1e6:.1f} MB, over the 15 MB budget"
+    assert (pipeline_path() / "model_index.json").is_file()
+    assert list(pipeline_path().glob("unet/*.safetensors")) and not list(root.rglob("*.bin"))
+
+
+def test_pipeline_generates_world_images_that_the_evaluator_reads(pipe):
+    from ddpo.shapes.evaluator import analyse
+
+    prompts = [caption("orange", "square", "blue"), caption("black", "circle", "white"),
+               caption("red", "circle", "green"), caption("blue", "square", "yellow")]
+    out = pipe(prompts, num_inference_steps=20, guidance_scale=5.0, eta=1.0, output_type="np",
+               generator=torch.Generator().manual_seed(0))
+    images = (out.images * 255).round().astype(np.uint8)
+    assert images.shape == (4, 64, 64, 3)
+    seen = [analyse(im)[:3] for im in images]
+    expected = [("orange", "square", "blue"), ("black", "circle", "white"), ("red", "circle", "green"),
+                ("blue", "square", "yellow")]
+    assert sum(s == e for s, e in zip(seen, expected)) >= 3, seen
+
+
+def test_out_of_vocabulary_prompt_is_accepted_by_the_model(pipe):
+    out = pipe(["a pink dolphin riding a bike"], num_inference_steps=4, output_type="np",
+               generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (1, 64, 64, 3) and np.isfinite(out.images).all()
+
+
+def test_captioner_is_right_on_rendered_images(captioner):
+    from PIL import Image
+
+    scenes = sample_scenes(400, np.random.default_rng(7), rare_fraction=0.25)
+    captions = captioner.caption([Image.fromarray(render(s)) for s in scenes], "What is in this image?")
+    right = np.mean([c == caption(s.color, s.shape, s.background) for c, s in zip(captions, scenes)])
+    assert right >= 0.95, right
+    rare = [c == caption(s.color, s.shape, s.background) for c, s in zip(captions, scenes)
+            if (s.color, s.shape) in RARE_PAIRS]
+    assert len(rare) > 50 and np.mean(rare) >= 0.95
+
+
+def test_captioner_flags_out_of_vocabulary_prompts(captioner):
+    assert captioner.unscorable_reason(caption("red", "triangle", "white")) is None
+    reason = captioner.unscorable_reason("a pink dolphin on a blue background")
+    assert "pink" in reason and "dolphin" in reason and "vocabulary" in reason
+    assert captioner.unscorable_reason("a red circle on a red background") is not None
+    assert captioner.caption([], "?") == []
+
+
+def test_vlm_bertscore_with_the_shapes_captioner_scores_right_above_wrong():
+    from PIL import Image
+
+    from rewards import build_reward
+
+    reward = build_reward("vlm_bertscore", captioner="shapes")
+    image = Image.fromarray(render(sample_scenes(1, np.random.default_rng(3), 0.0)[0]._replace(
+        color="red", shape="triangle", background="white")))
+    prompts = [caption("red", "triangle", "white"), caption("red", "circle", "white"), "a pink dolphin"]
+    scores, info = reward([image] * 3, prompts, [{}] * 3)
+    assert scores[0] > scores[1] and np.isnan(scores[2])
+    assert info["captions"][0] == prompts[0] and info["unscorable"][2]
+
+
+def test_captioner_round_trip(tmp_path, captioner):
+    from ddpo.shapes.captioner import CaptionerNet, ShapesCaptioner
+
+    captioner.net.save_pretrained(tmp_path / "cap")
+    again = ShapesCaptioner(tmp_path / "cap")
+    x = torch.rand(3, 3, 64, 64)
+    assert again.predict(x) == captioner.predict(x)
+    for a, b in zip(CaptionerNet.from_pretrained(tmp_path / "cap").state_dict().values(),
+                    captioner.net.state_dict().values()):
+        assert torch.equal(a, b)
