@@ -102,12 +102,15 @@ class Progress:
         print(json.dumps(record), flush=True)
 
 
-def _trim_metrics(run_dir: Path, env_steps: int) -> None:
-    """On resume, drop lines logged after the checkpoint (they will be logged again)."""
+def _trim_metrics(run_dir: Path, env_steps: int) -> int:
+    """On resume, drop lines logged after the checkpoint (they will be logged again); returns the last
+    logged env_steps (-1 if none) so that step is not logged twice."""
     path = run_dir / "metrics.jsonl"
-    if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["env_steps"] <= env_steps]
-        path.write_text("".join(line + "\n" for line in lines))
+    if not path.is_file():
+        return -1
+    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["env_steps"] <= env_steps]
+    path.write_text("".join(line + "\n" for line in lines))
+    return json.loads(lines[-1])["env_steps"] if lines else -1
 
 
 def train(config: TrainConfig, run_dir: str | Path) -> Path:
@@ -180,8 +183,9 @@ def _train_sb3(config: TrainConfig, run_dir: Path, checkpoint: Path) -> ChunkAct
         warm_decisions = state["decisions"] - state["num_timesteps"]
         if config.method == "dsrl_sac":
             env.env_steps = state["env_steps"]
-        _trim_metrics(run_dir, state["env_steps"])
+        last_logged = _trim_metrics(run_dir, state["env_steps"])
         progress = Progress(config, run_dir, actor, lambda s: save_sac(model, checkpoint, s), state["env_steps"])
+        progress.last_logged = last_logged
         print(f"resumed {run_dir} at {state['env_steps']} environment steps", flush=True)
     elif config.method == "dsrl_sac":
         warm_decisions = warm_start(model, env, config.warm_start_steps, config.seed)

@@ -42,17 +42,18 @@ def train_dsrl_na(config, run_dir: Path, checkpoint: Path) -> ChunkActor:
         buffer.save(checkpoint / "replay.npz")
         (checkpoint / "state.json").write_text(json.dumps(state))
 
-    decisions = 0
+    decisions, last_logged = 0, -1
     if (checkpoint / "state.json").is_file():
         state = json.loads((checkpoint / "state.json").read_text())
         agent.load(checkpoint)
         buffer.load(checkpoint / "replay.npz")
         env.env_steps, decisions = state["env_steps"], state["decisions"]
-        _trim_metrics(run_dir, env.env_steps)
+        last_logged = _trim_metrics(run_dir, env.env_steps)
         print(f"resumed {run_dir} at {env.env_steps} environment steps", flush=True)
     elif config.offline_demos:
         print(f"added {add_offline_demos(buffer, config.env_id, config.seed)} offline demonstration chunks", flush=True)
     progress = Progress(config, run_dir, actor, save, env.env_steps)
+    progress.last_logged = last_logged
 
     obs, _ = env.reset(seed=config.seed + decisions)
     while env.env_steps < config.steps:
