@@ -93,8 +93,8 @@ def report() -> str:
     from ddpo.steering.envs import normalized_score
 
     table = load_results()
-    rows = ["| env | method | seeds | env steps | final return (mean ± s.e.) | normalised score | gap closed vs base |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| env | method | seeds | env steps | return at half budget | final return (mean ± s.e.) | normalised score "
+            "| gap closed vs base | train env steps/s |", "|---|---|---|---|---|---|---|---|---|"]
     for env_id in ENVS:
         base_runs = table.get((env_id, "base"), [])
         base = np.mean([run[-1]["episodic_return_mean"] for run in base_runs]) if base_runs else None
@@ -107,13 +107,17 @@ def report() -> str:
             steps = sorted({run[-1]["env_steps"] for run in runs})
             se = finals.std(ddof=1) / np.sqrt(len(finals)) if len(finals) > 1 else float("nan")
             gap = (finals.mean() - base) / (expert - base) if base is not None else float("nan")
-            rows.append(f"| {env_id} | {method} | {len(runs)} | {'/'.join(map(str, steps))} | {finals.mean():.1f} ± {se:.1f} "
-                        f"| {normalized_score(env_id, finals.mean()):.2f} | {gap:.2f} |")
+            half = np.mean([np.interp(run[-1]["env_steps"] / 2, [l["env_steps"] for l in run],
+                                      [l["episodic_return_mean"] for l in run]) for run in runs])
+            speeds = [run[-1]["env_steps_per_s"] for run in runs if "env_steps_per_s" in run[-1]]
+            speed = f"{np.mean(speeds):.0f}" if speeds else "-"
+            rows.append(f"| {env_id} | {method} | {len(runs)} | {'/'.join(map(str, steps))} | {half:.1f} | {finals.mean():.1f} ± {se:.1f} "
+                        f"| {normalized_score(env_id, finals.mean()):.2f} | {gap:.2f} | {speed} |")
         if base_runs:
             zero = base_runs[0][-1]["base_zero"]["return_mean"]
-            rows.append(f"| {env_id} | base (w = 0) | 1 | - | {zero:.1f} | {normalized_score(env_id, zero):.2f} | "
-                        f"{(zero - base) / (expert - base):.2f} |")
-            rows.append(f"| {env_id} | scripted expert | 1 | - | {expert:.1f} | {normalized_score(env_id, expert):.2f} | 1.00 |")
+            rows.append(f"| {env_id} | base (w = 0) | 1 | - | - | {zero:.1f} | {normalized_score(env_id, zero):.2f} | "
+                        f"{(zero - base) / (expert - base):.2f} | - |")
+            rows.append(f"| {env_id} | scripted expert | 1 | - | - | {expert:.1f} | {normalized_score(env_id, expert):.2f} | 1.00 | - |")
     return "\n".join(rows)
 
 
