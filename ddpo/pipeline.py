@@ -46,7 +46,10 @@ def _resolve(name: str) -> str:
     if name == "shapes":
         from ddpo.shapes import pipeline_path
 
-        return str(pipeline_path())
+        try:
+            return str(pipeline_path())
+        except FileNotFoundError as err:  # missing or corrupt shipped weights: the message says how to rebuild
+            raise ModelLoadError(str(err)) from None
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():
