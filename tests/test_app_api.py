@@ -5,7 +5,6 @@ Runs on the 'tiny-random' model; numbers are checked against the same functions 
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from pathlib import Path
@@ -37,8 +36,9 @@ def free_port() -> int:
 def app(tmp_path_factory):
     """(client, settings, demo): the app on tiny-random, with one finished tiny run holding a checkpoint."""
     root = tmp_path_factory.mktemp("app")
-    os.environ["GRADIO_TEMP_DIR"] = str(root / "gradio-tmp")
-    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    env = pytest.MonkeyPatch()
+    env.setenv("GRADIO_TEMP_DIR", str(root / "gradio-tmp"))
+    env.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     from ddpo.config import load_config
     from ddpo.trainer import train
     from ddpo.ui import build_app
@@ -58,6 +58,7 @@ def app(tmp_path_factory):
     yield client, settings, demo
     demo.training.stop()
     demo.close()
+    env.undo()
 
 
 def compare(client, *, source="typed prompt (n seeds)", prompt="a cat", grammar="simple_animals", split="all", n=3,

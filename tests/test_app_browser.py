@@ -6,7 +6,6 @@ to test-artifacts/app_compare.png. Uses the shipped Shapes model when its weight
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 from pathlib import Path
@@ -23,8 +22,9 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser")
-    os.environ["GRADIO_TEMP_DIR"] = str(root / "gradio-tmp")
-    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    env = pytest.MonkeyPatch()
+    env.setenv("GRADIO_TEMP_DIR", str(root / "gradio-tmp"))
+    env.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     from ddpo.ui import build_app
     from ddpo.ui.pickers import shapes_available
     from ddpo.ui.settings import AppSettings
@@ -37,6 +37,7 @@ def app_url(tmp_path_factory):
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/", model
     demo.close()
+    env.undo()
 
 
 def test_generate_and_see_scores_in_a_real_browser(app_url):
