@@ -26,6 +26,8 @@ import numpy as np  # noqa: E402
 RESULTS = Path(__file__).parent / "results" / "steering"
 ENVS = ("Pendulum-v1", "Reacher-v5")
 METHODS = ("base", "dsrl_sac", "dsrl_na", "sac_scratch")
+# Optional variants (not run by default): DSRL with 4 updates per decision = SAC-from-scratch's update count.
+VARIANTS = {"dsrl_sac_utd4": ("dsrl_sac", 4), "dsrl_na_utd4": ("dsrl_na", 4)}
 
 
 def claim(key: str) -> bool:
@@ -72,8 +74,10 @@ def _run_job(key: str, env_id: str, method: str, seed: int, steps: int, eval_eve
         return
     from ddpo.steering.train import TrainConfig, train
 
+    method, updates_per_decision = VARIANTS.get(method, (method, 1))
     config = TrainConfig(env_id=env_id, method=method, steps=steps, seed=seed, eval_every=eval_every,
-                         eval_episodes=eval_episodes, checkpoint_every=eval_every * 2, video=(seed == 0))
+                         eval_episodes=eval_episodes, checkpoint_every=eval_every * 2, video=(seed == 0),
+                         updates_per_decision=updates_per_decision)
     run_dir = train(config, runs_dir / key)
     shutil.copy(run_dir / "metrics.jsonl", result)
     if (run_dir / "rollout.gif").is_file():
@@ -99,7 +103,7 @@ def report() -> str:
         base_runs = table.get((env_id, "base"), [])
         base = np.mean([run[-1]["episodic_return_mean"] for run in base_runs]) if base_runs else None
         expert = base_runs[0][-1]["expert"]["return_mean"] if base_runs else None
-        for method in METHODS:
+        for method in METHODS + tuple(VARIANTS):
             runs = table.get((env_id, method), [])
             if not runs:
                 continue
@@ -130,7 +134,7 @@ def plot(path: Path) -> None:
     table = load_results()
     figure, axes = plt.subplots(1, len(ENVS), figsize=(6 * len(ENVS), 4))
     for axis, env_id in zip(np.atleast_1d(axes), ENVS):
-        for method in METHODS:
+        for method in METHODS + tuple(VARIANTS):
             runs = table.get((env_id, method), [])
             if not runs:
                 continue
