@@ -98,7 +98,7 @@ def report() -> str:
 
     table = load_results()
     rows = ["| env | method | seeds | env steps | return at half budget | final return (mean ± s.e.) | normalised score "
-            "| gap closed vs base | train env steps/s |", "|---|---|---|---|---|---|---|---|---|"]
+            "| gap closed vs base | steps to close 50 % of the gap | train env steps/s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for env_id in ENVS:
         base_runs = table.get((env_id, "base"), [])
         base = np.mean([run[-1]["episodic_return_mean"] for run in base_runs]) if base_runs else None
@@ -113,15 +113,19 @@ def report() -> str:
             gap = (finals.mean() - base) / (expert - base) if base is not None else float("nan")
             half = np.mean([np.interp(run[-1]["env_steps"] / 2, [l["env_steps"] for l in run],
                                       [l["episodic_return_mean"] for l in run]) for run in runs])
+            halfway = None if base is None else base + 0.5 * (expert - base)
+            reached = [next((l["env_steps"] for l in run if l["episodic_return_mean"] >= halfway), None) for run in runs]
+            reach = "-" if method == "base" or halfway is None else (
+                " / ".join("never" if r is None else str(r) for r in reached))
             speeds = [run[-1]["env_steps_per_s"] for run in runs if "env_steps_per_s" in run[-1]]
             speed = f"{np.mean(speeds):.0f}" if speeds else "-"
             rows.append(f"| {env_id} | {method} | {len(runs)} | {'/'.join(map(str, steps))} | {half:.1f} | {finals.mean():.1f} ± {se:.1f} "
-                        f"| {normalized_score(env_id, finals.mean()):.2f} | {gap:.2f} | {speed} |")
+                        f"| {normalized_score(env_id, finals.mean()):.2f} | {gap:.2f} | {reach} | {speed} |")
         if base_runs:
             zero = base_runs[0][-1]["base_zero"]["return_mean"]
             rows.append(f"| {env_id} | base (w = 0) | 1 | - | - | {zero:.1f} | {normalized_score(env_id, zero):.2f} | "
-                        f"{(zero - base) / (expert - base):.2f} | - |")
-            rows.append(f"| {env_id} | scripted expert | 1 | - | - | {expert:.1f} | {normalized_score(env_id, expert):.2f} | 1.00 | - |")
+                        f"{(zero - base) / (expert - base):.2f} | - | - |")
+            rows.append(f"| {env_id} | scripted expert | 1 | - | - | {expert:.1f} | {normalized_score(env_id, expert):.2f} | 1.00 | - | - |")
     return "\n".join(rows)
 
 
