@@ -57,6 +57,8 @@ def test_generate_and_see_scores_in_a_real_browser(app_url):
             assert page.locator("#compare-gallery img").count() >= 4
             text = scores.inner_text()
             assert "jpeg_incompressibility" in text or "vlm_bertscore" in text
+            if model == "shapes":  # the default rewards include the VLM reward with the Shapes captioner
+                assert "vlm_bertscore" in text and "background" in page.locator("#compare-captions").inner_text()
             assert page.get_by_text("Traceback").count() == 0
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "app_compare.png"), full_page=True)

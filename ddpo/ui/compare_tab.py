@@ -96,7 +96,8 @@ def build(settings: AppSettings, model: str) -> None:
             notes = gr.Markdown(elem_id="compare-notes")
             table = gr.Dataframe(label="Scores (image x reward)", interactive=False, elem_id="compare-scores")
             agreement = gr.Dataframe(label="Rank agreement between rewards (Spearman)", interactive=False)
-            captions = gr.Dataframe(label="What the VLM said", interactive=False, wrap=True)
+            captions = gr.Dataframe(label="What the VLM said", interactive=False, wrap=True,
+                                    column_widths=["9%", "18%", "38%", "35%"], elem_id="compare-captions")
     outputs = [gallery, table, agreement, captions, notes]
 
     @readable_errors
