@@ -45,10 +45,6 @@ def app(tmp_path_factory):
     from ddpo.ui.settings import AppSettings
 
     runs = root / "runs"
-    steering = pytest.importorskip("ddpo.steering.cli")
-    assert steering.main(["train", "--env", "Pendulum-v1", "--method", "dsrl_sac", "--steps", "200",
-                          "--warm-start-steps", "100", "--eval-every", "1000", "--eval-episodes", "1",
-                          "--checkpoint-every", "200", "--no-video", "--runs-dir", str(runs), "--name", "pend"]) == 0
     train(load_config("tiny_cpu", [f"logging.output_dir={runs}", "logging.run_name=tiny", "train.learning_rate=0.05"]))
     settings = AppSettings(runs_dir=runs, default_model="tiny-random")
     demo = build_app(settings)
@@ -233,12 +229,23 @@ def test_train_stop_and_blocked_overrides(app):
     assert "stopped" in client.predict("long", api_name="/train_status")[0]
 
 
-def test_steering_base_against_steered(app):
+@pytest.fixture(scope="module")
+def steering_run(app):
+    """A tiny `ddpo steer train` run on Pendulum-v1 in the app's runs folder (skips without the steering extra)."""
+    steering = pytest.importorskip("ddpo.steering.cli")
+    runs = app[1].runs_dir
+    assert steering.main(["train", "--env", "Pendulum-v1", "--method", "dsrl_sac", "--steps", "200",
+                          "--warm-start-steps", "100", "--eval-every", "1000", "--eval-episodes", "1",
+                          "--checkpoint-every", "200", "--no-video", "--runs-dir", str(runs), "--name", "pend"]) == 0
+    return runs / "pend"
+
+
+def test_steering_base_against_steered(app, steering_run):
     from ddpo.steering.api import run_episodes
 
     client, settings, _ = app
     summary, table, gif = client.predict("Pendulum-v1", "shipped", "pend", 2, 3, False, api_name="/steer")
-    base, steered, _ = run_episodes("Pendulum-v1", None, str(settings.runs_dir / "pend"), n=2, seed=3, render=False)
+    base, steered, _ = run_episodes("Pendulum-v1", None, str(steering_run), n=2, seed=3, render=False)
     assert [row[1] for row in table["data"]] == [3, 4]
     np.testing.assert_allclose(column(table, "base return"), base, atol=1e-3)
     np.testing.assert_allclose(column(table, "steered return"), steered, atol=1e-3)
