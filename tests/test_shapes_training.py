@@ -1,0 +1,54 @@
+"""A CI-sized DDPO run on the shipped Shapes model raises the alignment reward (captioner + BERTScore)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ddpo.shapes.world import caption
+
+# One rare pair on two backgrounds: the base model usually draws a yellow square instead of a circle here.
+GRAMMAR = """\
+name: yellow_circles
+description: one rare colour-shape pair of the Shapes world
+rules:
+  prompt: "a {color} {shape} on a {background} background"
+  color: [yellow]
+  shape: [circle]
+  background: [blue, purple]
+"""
+
+
+def _mean_reward(pipe, reward, n: int = 16) -> float:
+    from ddpo.shapes.evaluate import generate
+
+    triples = [("yellow", "circle", bg) for bg in ["blue", "purple"] * (n // 2)]
+    images = generate(pipe, triples, seed=123, steps=10, guidance=5.0, eta=1.0)
+    from PIL import Image
+
+    scores, _ = reward([Image.fromarray(im) for im in images], [caption(*t) for t in triples], [{}] * n)
+    return float(np.mean(scores))
+
+
+@pytest.mark.slow
+def test_short_ddpo_run_raises_the_alignment_reward(tmp_path):
+    from ddpo.config import load_config
+    from ddpo.shapes.evaluate import load_pipeline
+    from ddpo.trainer import train
+    from rewards import build_reward
+
+    grammar = tmp_path / "yellow_circles.yaml"
+    grammar.write_text(GRAMMAR)
+    config = load_config("shapes_alignment", [
+        f"prompts.grammar={grammar}", "prompts.split=all", "prompts.eval_every=0", "reward.executor=inline",
+        "sample.batch_size=8", "sample.num_batches_per_epoch=2", "train.batch_size=8",
+        "train.num_epochs=10", "train.per_prompt_stat_tracking=false", "train.learning_rate=3e-3",
+        f"logging.output_dir={tmp_path}", "logging.run_name=ci", "logging.progress=false",
+        "logging.sample_grid=false", "logging.save_every=10",
+    ])
+    reward = build_reward("vlm_bertscore", captioner="shapes")
+    before = _mean_reward(load_pipeline("shapes"), reward)
+    run_dir = train(config)
+    after = _mean_reward(load_pipeline("shapes", run_dir), reward)
+    print(f"mean reward before {before:.4f}, after {after:.4f}")
+    assert after > before + 0.01, (before, after)
