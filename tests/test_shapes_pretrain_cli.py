@@ -1,0 +1,37 @@
+"""`ddpo shapes pretrain` end to end at a few steps per stage: it writes a loadable, manifest-checked package folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def test_pretrain_stages_write_a_loadable_pipeline_and_captioner(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from ddpo.shapes import ShapesWeightsError, captioner_path, pipeline_path
+    from ddpo.shapes.captioner import ShapesCaptioner
+    from ddpo.shapes.cli import main
+
+    out, work = tmp_path / "pretrained", tmp_path / "work"
+    args = ["pretrain", "--work-dir", str(work), "--out", str(out), "--vae-steps", "2", "--decoder-steps", "2",
+            "--num-images", "256", "--unet-steps", "2", "--captioner-steps", "2", "--log-every", "1"]
+    assert main(args) == 0
+    manifest = json.loads((out / "MANIFEST.json").read_text())
+    assert manifest["pretrain_config"]["unet_steps"] == 2 and "pipeline/unet/config.json" in manifest["files"]
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline_path(out))
+    assert len(pipe.tokenizer) > 100 and pipe.vae.config.scaling_factor != 0.18215  # measured, not SD's
+    assert pipe.unet.config.sample_size == 8 and pipe.vae_scale_factor == 8
+    assert len(ShapesCaptioner(captioner_path(out)).caption([], "?")) == 0
+    weights = out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])  # truncated: corrupt
+    with pytest.raises(ShapesWeightsError, match="ddpo shapes pretrain"):
+        pipeline_path(out)
+
+
+def test_pretrain_rejects_unknown_stage(tmp_path):
+    from ddpo.shapes.cli import main
+
+    with pytest.raises(SystemExit, match="unknown stage"):
+        main(["pretrain", "--work-dir", str(tmp_path), "--stages", "vae,dreaming"])
