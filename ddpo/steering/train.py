@@ -124,7 +124,8 @@ def train(config: TrainConfig, run_dir: str | Path) -> Path:
     saved_config = run_dir / "config.json"
     if saved_config.is_file():
         previous = json.loads(saved_config.read_text())
-        if {k: v for k, v in previous.items() if k != "steps"} != {k: v for k, v in asdict(config).items() if k != "steps"}:
+        free = ("steps", "video")  # a resumed run may change its budget and whether it renders
+        if {k: v for k, v in previous.items() if k not in free} != {k: v for k, v in asdict(config).items() if k not in free}:
             raise ValueError(f"{run_dir} holds a run with a different config; pick a new --name or use the same options")
     run_dir.mkdir(parents=True, exist_ok=True)
     saved_config.write_text(json.dumps(asdict(config), indent=2))
