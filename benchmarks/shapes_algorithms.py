@@ -24,6 +24,10 @@ from pathlib import Path
 import numpy as np
 
 ALGORITHMS = ["ddpo_is", "ddpo_sf", "rwr", "rwr_sparse"]
+# Extra rows: same reward queries, different use of them. With one optimizer step per epoch (the default config),
+# ddpo_is and ddpo_sf take the same gradient (every ratio is 1); importance sampling pays off only with more steps.
+VARIANTS: dict[str, list[str]] = {a: [f"train.algorithm={a}"] for a in ALGORITHMS}
+VARIANTS["ddpo_is_2inner"] = ["train.algorithm=ddpo_is", "train.num_inner_epochs=2"]
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -31,7 +35,7 @@ def run_one(algorithm: str, seed: int, epochs: int, out_dir: Path, extra: list[s
     """Train in a fresh process with one torch thread, then measure held-out accuracy with the evaluator."""
     name = f"{algorithm}_s{seed}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "ddpo.cli", "train", "shapes_alignment", f"train.algorithm={algorithm}",
+    cmd = [sys.executable, "-m", "ddpo.cli", "train", "shapes_alignment", *VARIANTS[algorithm],
            f"seed={seed}", f"train.num_epochs={epochs}", f"logging.output_dir={out_dir}", f"logging.run_name={name}",
            "logging.progress=false", "logging.sample_grid=false", f"logging.save_every={epochs}",
            "prompts.eval_every=0", *extra]
@@ -58,7 +62,7 @@ def write_outputs(runs: list[dict], base_rare: float | None) -> None:
     (RESULTS / "shapes_algorithms.json").write_text(json.dumps({"base_rare_accuracy": base_rare, "runs": runs}, indent=1))
     lines = ["| algorithm | seeds | reward queries | reward, first epoch | reward, last 3 epochs | rare accuracy (evaluator) |",
              "|---|---|---|---|---|---|"]
-    for algorithm in ALGORITHMS:
+    for algorithm in VARIANTS:
         mine = [r for r in runs if r["algorithm"] == algorithm]
         if not mine:
             continue
@@ -78,7 +82,7 @@ def write_outputs(runs: list[dict], base_rare: float | None) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for algorithm in ALGORITHMS:
+    for algorithm in VARIANTS:
         mine = [r for r in runs if r["algorithm"] == algorithm]
         if not mine:
             continue
@@ -99,7 +103,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS, choices=ALGORITHMS)
+    parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS, choices=list(VARIANTS))
+    parser.add_argument("--append", action="store_true", help="add these runs to the existing results JSON")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (one torch thread each)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_shapes_algorithms"))
     parser.add_argument("overrides", nargs="*", help="extra section.key=value overrides for every run")
@@ -112,6 +117,8 @@ def main() -> int:
                            "--json", str(args.out / "base_eval.json")], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     base_rare = json.loads((args.out / "base_eval.json").read_text())["rare_accuracy"] if base.returncode == 0 else None
+    if args.append and (RESULTS / "shapes_algorithms.json").is_file():
+        runs = json.loads((RESULTS / "shapes_algorithms.json").read_text())["runs"] + runs
     write_outputs(runs, base_rare)
     return 0
 

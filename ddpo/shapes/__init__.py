@@ -18,7 +18,7 @@ from typing import Any
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 MANIFEST = "MANIFEST.json"
 
-_REGENERATE = "regenerate them with `ddpo shapes pretrain` (about 40 CPU minutes)"
+_REGENERATE = "regenerate them with `ddpo shapes pretrain` (about an hour on 2 CPU cores)"
 
 
 class ShapesWeightsError(FileNotFoundError):
