@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import multiprocessing
+import os
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -27,8 +28,23 @@ class RewardBatch(NamedTuple):
 _WORKER_REWARD = None  # the reward callable inside a worker process
 
 
-def _init_worker(name: str, kwargs: dict[str, Any]) -> None:
+def _exit_with_parent(parent_pid: int, poll_s: float = 1.0) -> None:
+    """Stop this worker when the trainer is gone (killed with SIGKILL or SIGTERM, it never shuts the pool down)."""
+    import os
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()  # no torch op: no thread penalty
+
+
+def _init_worker(name: str, kwargs: dict[str, Any], parent_pid: int) -> None:
     global _WORKER_REWARD
+    _exit_with_parent(parent_pid)
     torch.set_num_threads(1)
     from rewards import build_reward
 
@@ -62,7 +78,7 @@ class RewardPool:
         self.reward = build_reward(name, **kwargs)
         if executor == "process":
             self._pool: cf.Executor | None = cf.ProcessPoolExecutor(
-                1, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(name, kwargs))
+                1, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(name, kwargs, os.getpid()))
         elif executor == "thread":
             self._pool = cf.ThreadPoolExecutor(1)
         else:

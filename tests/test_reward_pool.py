@@ -1,0 +1,49 @@
+"""The reward worker process: scores like inline, and does not outlive a killed trainer."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from ddpo.reward_pool import RewardPool
+
+SCRIPT = """
+import sys, time, torch
+from ddpo.reward_pool import RewardPool
+pool = RewardPool("jpeg_compressibility", {}, "process")
+pool.submit(torch.rand(1, 3, 16, 16), ["a cat"], [{}]).result()
+print(pool._pool._processes and list(pool._pool._processes)[0], flush=True)
+time.sleep(60)
+"""
+
+
+def test_process_pool_scores_like_inline():
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    prompts, metadata = ["a", "b", "c"], [{}, {}, {}]
+    inline = RewardPool("jpeg_compressibility", {}, "inline").submit(images, prompts, metadata).result()
+    pool = RewardPool("jpeg_compressibility", {}, "process")
+    try:
+        spawned = pool.submit(images, prompts, metadata).result()
+    finally:
+        pool.close()
+    np.testing.assert_array_equal(inline.scores, spawned.scores)
+
+
+def test_worker_exits_when_the_trainer_is_killed():
+    trainer = subprocess.Popen([sys.executable, "-c", SCRIPT], stdout=subprocess.PIPE, text=True)
+    worker_pid = int(trainer.stdout.readline())
+    trainer.send_signal(signal.SIGKILL)
+    trainer.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(worker_pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(worker_pid, signal.SIGKILL)
+    raise AssertionError("the reward worker outlived its trainer")
