@@ -123,13 +123,13 @@ def train(config: Config, resume: str | None = None) -> Path:
     resume_from = ckpt.find_checkpoint(Path(resume)) if resume else None
     if resume_from is not None:
         ckpt.check_compatible(resume_from, config)
-    accelerator = make_accelerator(config, run_dir)
-    is_main, progress = accelerator.is_main_process, config.logging.progress and accelerator.is_main_process
     from prompts import load_grammar
 
-    grammar = load_grammar(config.prompts.grammar)  # grammar and reward errors surface before the model loads
+    grammar = load_grammar(config.prompts.grammar)  # grammar, tracker and reward errors surface before loading
     _check_splits(grammar, config)
     _check_trackers(config)
+    accelerator = make_accelerator(config, run_dir)
+    is_main, progress = accelerator.is_main_process, config.logging.progress and accelerator.is_main_process
     reward_pool = RewardPool(config.reward.name, config.reward.kwargs, config.reward.executor)
     try:
         pipe, params = build_policy(config, accelerator.device)
