@@ -32,6 +32,12 @@ class Rollout(NamedTuple):
     reward_s: float  # wall time spent waiting for rewards after sampling ended (what overlap did not hide)
 
 
+class Evaluation(NamedTuple):
+    prompts: list[str]  # n_local
+    images: torch.Tensor  # (n_local, 3, H, W) in [0, 1]
+    rewards: np.ndarray  # (n_local,) float32
+
+
 def derive_seed(*parts: int | str) -> int:
     """A 32-bit seed from any tuple of ints and strings, stable across runs, processes and machines."""
     ints = [p if isinstance(p, int) else int.from_bytes(p.encode(), "little") % (2**32) for p in parts]
@@ -90,17 +96,17 @@ def _result(future):
 
 @torch.no_grad()
 def evaluate(pipe, unet, grammar, reward_pool: RewardPool, config, process_index: int, num_processes: int,
-             device: torch.device, autocast) -> np.ndarray:
-    """Rewards of this process's share of the fixed evaluation prompts, sampled deterministically (eta = 0).
+             device: torch.device, autocast) -> Evaluation:
+    """This process's share of the fixed evaluation prompts, sampled deterministically (eta = 0), and their rewards.
 
     Prompts and initial noise depend only on `prompts.eval_seed`, so every evaluation of a run (and of any
-    run with the same settings) sees the same prompts and noise. Returns (n_local,) float32.
+    run with the same settings) sees the same prompts and noise: grids of two evaluations are before/after pictures.
     """
     p, s = config.prompts, config.sample
     prompts = grammar.sample(p.eval_num_prompts, seed=p.eval_seed, split=split_arg(p.eval_split))
     mine = list(range(process_index, len(prompts), num_processes))
     if not mine:
-        return np.zeros(0, dtype=np.float32)
+        return Evaluation([], torch.zeros(0, 3, 1, 1), np.zeros(0, dtype=np.float32))
     texts = [prompts[i].text for i in mine]
     negative = encode_prompts(pipe, [s.negative_prompt], device).expand(len(mine), -1, -1)
     generator = torch.Generator().manual_seed(derive_seed(p.eval_seed, process_index, "eval-noise"))
@@ -109,4 +115,4 @@ def evaluate(pipe, unet, grammar, reward_pool: RewardPool, config, process_index
                                            num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=0.0,
                                            generator=generator)
     result = _result(reward_pool.submit(trajectories.images, texts, [dict(prompts[i].metadata) for i in mine]))
-    return result.scores
+    return Evaluation(texts, trajectories.images, result.scores)

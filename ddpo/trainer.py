@@ -144,9 +144,14 @@ def train(config: Config, resume: str | None = None) -> Path:
             save_config(config, run_dir / "config.yaml")
             truncate_metrics(run_dir / "metrics.jsonl", start_epoch - 1)
             accelerator.init_trackers("ddpo", config=_flat(config.to_dict()))
+        baseline = {}
+        if config.prompts.eval_every and start_epoch == 0:  # "before" for the before/after comparison
+            baseline["eval_reward_before"] = _evaluation(config, pipe, unet, grammar, reward_pool, accelerator,
+                                                         run_dir / "samples" / "eval_before.png")
         for epoch in range(start_epoch, config.train.num_epochs):
             row = _run_epoch(config, epoch, pipe, unet, optimizer, accelerator, params, grammar, reward_pool,
                              tracker, run_dir, progress)
+            row.update(baseline if epoch == 0 else {})
             if is_main:
                 append_metrics(run_dir / "metrics.jsonl", row)
                 accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch)
@@ -210,15 +215,24 @@ def _run_epoch(config, epoch, pipe, unet, optimizer, accelerator, params, gramma
            "train_s": train_s}
     p = config.prompts
     if p.eval_every and (epoch + 1) % p.eval_every == 0:
-        from accelerate.utils import gather_object
-
-        policy.eval()
-        scores = evaluate(pipe, policy, grammar, reward_pool, config, accelerator.process_index,
-                          accelerator.num_processes, accelerator.device, accelerator.autocast)
-        row["eval_reward_mean"] = float(np.mean(gather_object(scores.tolist())))
+        row["eval_reward_mean"] = _evaluation(config, pipe, policy, grammar, reward_pool, accelerator,
+                                              run_dir / "samples" / f"eval_epoch_{epoch:04d}.png")
     row["epoch_s"] = time.perf_counter() - start
     row["samples_per_s"] = stats["num_samples"] / row["epoch_s"]
     return row
+
+
+def _evaluation(config, pipe, unet, grammar, reward_pool, accelerator, grid_path: Path) -> float:
+    """Mean reward on the fixed evaluation prompts (all processes); the main process saves its images' grid."""
+    from accelerate.utils import gather_object
+
+    accelerator.unwrap_model(unet).eval()
+    result = evaluate(pipe, accelerator.unwrap_model(unet), grammar, reward_pool, config, accelerator.process_index,
+                      accelerator.num_processes, accelerator.device, accelerator.autocast)
+    if accelerator.is_main_process and config.logging.sample_grid and len(result.prompts):
+        images = (result.images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        save_grid(images, [f"{t} | r={r:.3f}" for t, r in zip(result.prompts, result.rewards)], grid_path)
+    return float(np.mean(gather_object(result.rewards.tolist())))
 
 
 def _save_grid(rollout: Rollout, path: Path, max_images: int = 16) -> None:

@@ -34,5 +34,10 @@ def test_eval_reward_is_logged_every_k_epochs(tmp_path):
     config = load_config("tiny_cpu", ["prompts.grammar=simple_animals", "prompts.eval_every=2", "train.num_epochs=2",
                                       "prompts.eval_num_prompts=3", f"logging.output_dir={tmp_path}",
                                       "logging.run_name=e"])
-    rows = read_metrics(train(config) / "metrics.jsonl")
+    run_dir = train(config)
+    rows = read_metrics(run_dir / "metrics.jsonl")
     assert "eval_reward_mean" not in rows[0] and rows[1]["eval_reward_mean"] < 0  # JPEG kB, negated
+    assert rows[0]["eval_reward_before"] < 0 and "eval_reward_before" not in rows[1]
+    # Before/after grids of the same prompts and noise.
+    assert (run_dir / "samples" / "eval_before.png").is_file()
+    assert (run_dir / "samples" / "eval_epoch_0001.png").is_file()
