@@ -15,7 +15,6 @@ checkpoint where `--resume` looks.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import random
 import shutil
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from ddpo.config import Config, config_from_file, save_config
+from ddpo.manifest import sha256_file
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 # Settings that decide the shape of the saved weights: a checkpoint only fits a run that agrees on them.
@@ -68,14 +68,6 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_checkpoint(run_dir: Path, epoch: int, *, weights_writer, optimizer_state: dict, trainer_state: dict,
                      config: Config, keep_last: int) -> Path:
     """Write epoch `epoch`'s checkpoint atomically; keep the newest `keep_last`. Main process only.
@@ -91,7 +83,7 @@ def write_checkpoint(run_dir: Path, epoch: int, *, weights_writer, optimizer_sta
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
     save_config(config, tmp / "config.yaml")
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    manifest = {str(p.relative_to(tmp)): _sha256(p) for p in files}
+    manifest = {str(p.relative_to(tmp)): sha256_file(p) for p in files}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     if final.exists():  # a previous attempt at this epoch (e.g. a resumed run): replace it
         shutil.rmtree(final)
@@ -114,7 +106,7 @@ def verify_checkpoint(folder: Path) -> None:
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"checkpoint {folder} is missing {name}")
-        if _sha256(path) != digest:
+        if sha256_file(path) != digest:
             raise CheckpointError(f"checkpoint {folder} is corrupt: {name} does not match its sha256 in manifest.json. "
                                   f"Resume from an earlier checkpoint by passing its folder to --resume, or delete {folder}.")
 

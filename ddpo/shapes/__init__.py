@@ -10,10 +10,11 @@ This module imports no heavy library.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
+
+from ddpo.manifest import sha256_file
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 MANIFEST = "MANIFEST.json"
@@ -25,17 +26,9 @@ class ShapesWeightsError(FileNotFoundError):
     """The shipped Shapes weights are missing or do not match their manifest."""
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(root: Path, **extra: Any) -> Path:
     """Write root/MANIFEST.json: the sha256 of every file under `root` (except the manifest itself)."""
-    files = {p.relative_to(root).as_posix(): _sha256(p) for p in sorted(root.rglob("*"))
+    files = {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*"))
              if p.is_file() and p.name != MANIFEST}
     (root / MANIFEST).write_text(json.dumps({"files": files, **extra}, indent=1) + "\n")
     return root / MANIFEST
@@ -56,7 +49,7 @@ def verify(root: Path = PRETRAINED_DIR, subfolder: str | None = None) -> None:
         path = root / rel
         if not path.is_file():
             raise ShapesWeightsError(f"Shapes weights file {path} is missing; {_REGENERATE}")
-        if _sha256(path) != digest:
+        if sha256_file(path) != digest:
             raise ShapesWeightsError(f"Shapes weights file {path} is corrupt (sha256 mismatch); {_REGENERATE}")
 
 
