@@ -24,7 +24,7 @@ import time
 
 BENCH = dict(channels=(32, 64), cross_attention_dim=32, sample_size=16)  # ~0.9M-parameter UNet, 16x16 latents
 OVERRIDES = ["sample.num_steps=10", "sample.batch_size=4", "sample.num_batches_per_epoch=2", "train.batch_size=4",
-             "train.num_epochs=3", "reward.name=jpeg_compressibility",
+             "train.num_epochs=5", "reward.name=jpeg_compressibility",
              "logging.sample_grid=false", "logging.keep_last=1"]
 
 
@@ -47,18 +47,29 @@ def unet_floor(model: str, config) -> tuple[float, float]:
     latents = torch.randn(2 * s.batch_size, 4, BENCH["sample_size"], BENCH["sample_size"])
     embeds = torch.randn(2 * s.batch_size, 77, BENCH["cross_attention_dim"])
     timesteps = torch.full((2 * s.batch_size,), 500)
-    with torch.no_grad():
-        unet(latents, timesteps, encoder_hidden_states=embeds)  # warm-up
-        start = time.perf_counter()
-        for _ in range(s.num_batches_per_epoch * s.num_steps):
-            unet(latents, timesteps, encoder_hidden_states=embeds)
-        sample_floor = time.perf_counter() - start
     micro = 2 * t.batch_size
-    start = time.perf_counter()
-    for _ in range(s.batch_size * s.num_batches_per_epoch // t.batch_size * s.num_steps):
-        unet(latents[:micro], timesteps[:micro], encoder_hidden_states=embeds[:micro]).sample.mean().backward()
-    train_floor = time.perf_counter() - start
-    return sample_floor, train_floor
+
+    def sample_loop() -> None:
+        with torch.no_grad():
+            for _ in range(s.num_batches_per_epoch * s.num_steps):
+                unet(latents, timesteps, encoder_hidden_states=embeds)
+
+    def train_loop() -> None:
+        for _ in range(s.batch_size * s.num_batches_per_epoch // t.batch_size * s.num_steps):
+            unet(latents[:micro], timesteps[:micro], encoder_hidden_states=embeds[:micro]).sample.mean().backward()
+
+    return best_of(sample_loop), best_of(train_loop)
+
+
+def best_of(loop, repeats: int = 4) -> float:
+    """The fastest of `repeats` timed runs after one warm-up: the floor, robust to other jobs on the machine."""
+    loop()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        loop()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def run(threads: int, executor: str) -> dict:
@@ -76,13 +87,12 @@ def run(threads: int, executor: str) -> dict:
         # The floor first: once a torch op has run on a second thread (executor=thread), later ops are slower.
         sample_floor, train_floor = unet_floor(model, config)
         run_dir = train(config)
-        rows = read_metrics(run_dir / "metrics.jsonl")[1:]  # epoch 0 warms up
-    mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
-    epoch = mean("epoch_s")
-    return {"threads": threads, "executor": executor, "sample_s": mean("sample_s"), "sample_floor_s": sample_floor,
-            "reward_wait_s": mean("reward_s"), "train_s": mean("train_s"), "train_floor_s": train_floor,
-            "epoch_s": epoch, "epoch_over_floor": epoch / (sample_floor + train_floor),
-            "samples_per_s": mean("samples_per_s"),
+        rows = read_metrics(run_dir / "metrics.jsonl")[1:]  # epoch 0 warms up (and starts the reward worker)
+    best = min(rows, key=lambda r: r["epoch_s"])  # like the floor: the fastest epoch, robust to other jobs
+    return {"threads": threads, "executor": executor, "sample_s": best["sample_s"], "sample_floor_s": sample_floor,
+            "reward_wait_s": best["reward_s"], "train_s": best["train_s"], "train_floor_s": train_floor,
+            "epoch_s": best["epoch_s"], "epoch_over_floor": best["epoch_s"] / (sample_floor + train_floor),
+            "samples_per_s": best["samples_per_s"],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
