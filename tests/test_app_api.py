@@ -5,7 +5,6 @@ Runs on the 'tiny-random' model; numbers are checked against the same functions 
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
+from localhost import launch_app  # noqa: E402
 
 TINY_TRAIN = ["tiny_cpu", "tiny-random", "jpeg_compressibility", "simple_animals", "ddpo_is", 2, 1e-3, 4, 2]
 
@@ -26,30 +26,18 @@ class EchoCaptioner:
         return [f"pixel {'bright' if np.asarray(im)[0, 0].mean() > 127 else 'dark'}" for im in images]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     """(client, settings, demo): the app on tiny-random, with one finished tiny run holding a checkpoint."""
     root = tmp_path_factory.mktemp("app")
-    env = pytest.MonkeyPatch()
-    env.setenv("GRADIO_TEMP_DIR", str(root / "gradio-tmp"))
-    env.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     from ddpo.config import load_config
     from ddpo.trainer import train
-    from ddpo.ui import build_app
     from ddpo.ui.settings import AppSettings
 
     runs = root / "runs"
     train(load_config("tiny_cpu", [f"logging.output_dir={runs}", "logging.run_name=tiny", "train.learning_rate=0.05"]))
     settings = AppSettings(runs_dir=runs, default_model="tiny-random")
-    demo = build_app(settings)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    demo, port, env = launch_app(settings, root)
     client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(root / "downloads"))
     yield client, settings, demo
     demo.training.stop()

@@ -7,10 +7,10 @@ to test-artifacts/app_compare.png. Uses the shipped Shapes model when its weight
 from __future__ import annotations
 
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
+from localhost import launch_app
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not on PATH (apt-get install -y chromium)")
@@ -22,19 +22,11 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser")
-    env = pytest.MonkeyPatch()
-    env.setenv("GRADIO_TEMP_DIR", str(root / "gradio-tmp"))
-    env.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-    from ddpo.ui import build_app
     from ddpo.ui.pickers import shapes_available
     from ddpo.ui.settings import AppSettings
 
     model = "shapes" if shapes_available()[0] else "tiny-random"
-    demo = build_app(AppSettings(runs_dir=root / "runs", default_model=model))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    demo, port, env = launch_app(AppSettings(runs_dir=root / "runs", default_model=model), root)
     yield f"http://127.0.0.1:{port}/", model
     demo.close()
     env.undo()

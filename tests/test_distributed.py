@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -12,15 +11,10 @@ from safetensors.torch import load_file
 
 from ddpo.checkpoint import list_checkpoints
 from ddpo.metrics import read_metrics
+from localhost import free_port
 
 COMMON = ["tiny_cpu", "train.num_epochs=2", "sample.batch_size=2", "train.batch_size=2", "train.learning_rate=1e-2",
           "reward.name=rewards_for_tests:brightness"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(nproc: int, *args):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,8 @@ from PIL import Image
 from rewards import build_reward
 from rewards.http import HTTPError
 from rewards.server import make_server
+
+from localhost import free_port
 
 rng = np.random.default_rng(0)
 IMAGES = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)), Image.new("RGB", (20, 30), "white")]
@@ -50,12 +51,6 @@ class Served:
     def __exit__(self, *exc):
         self.server.shutdown()
         self.server.server_close()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_round_trip_matches_local_scores():
@@ -116,12 +111,12 @@ def test_size_batch_and_format_limits():
 def test_remote_fails_clearly_when_server_is_down():
     start = time.monotonic()
     with pytest.raises(HTTPError, match="failed after 3 attempts.*cannot connect"):
-        build_reward("remote", url=f"http://127.0.0.1:{_free_port()}", timeout=2, **FAST)(IMAGES, PROMPTS, None)
+        build_reward("remote", url=f"http://127.0.0.1:{free_port()}", timeout=2, **FAST)(IMAGES, PROMPTS, None)
     assert time.monotonic() - start < 10  # a clear error, never a hang
 
 
 def test_remote_survives_a_server_restart():
-    port = _free_port()
+    port = free_port()
     holder = {}
 
     def start_late():
