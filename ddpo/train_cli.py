@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    from ddpo.config import ConfigError, config_from_file, list_presets, load_config, merge, parse_overrides
+    from ddpo.config import ConfigError, list_presets, load_config
 
     args = build_parser().parse_args(argv)
     if args.list_presets:

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ddpo.logprob import ddim_step_with_logprob
-from ddpo.losses import ddpo_is_loss, ddpo_sf_loss, rwr_loss
+from ddpo.losses import ddpo_is_loss, ddpo_sf_loss, rwr_loss, rwr_sparse_weights, rwr_weights
 from ddpo.rollout import Rollout, derive_seed
 from ddpo.sampler import predict_noise
 
@@ -111,8 +111,6 @@ def epoch_weights(algorithm: str, advantages: np.ndarray, valid: np.ndarray, tem
 
     Skipped samples (valid False) get weight 0. (N,) -> (N,) float32.
     """
-    from ddpo.losses import rwr_sparse_weights, rwr_weights
-
     adv = torch.as_tensor(np.where(valid, advantages, 0.0), dtype=torch.float32)
     if algorithm == "rwr":
         adv = rwr_weights(adv, temperature)
