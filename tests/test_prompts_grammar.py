@@ -15,8 +15,7 @@ from prompts import Grammar, GrammarError, Prompt, list_grammars, load_grammar
 from prompts.articles import indefinite_article, resolve_articles
 
 SHAPES_COLORS = ["red", "orange", "yellow", "green", "blue", "purple", "white", "black"]
-SHAPES_RARE = [("red", "triangle"), ("yellow", "circle"), ("green", "square"),
-               ("blue", "triangle"), ("purple", "circle"), ("white", "square")]
+SHAPES_RARE = [(color, "square") for color in ["red", "yellow", "green", "blue", "purple", "white"]]
 
 
 def write_grammar(tmp_path: Path, text: str, name: str = "g.yaml") -> Path:

@@ -35,19 +35,36 @@ def test_shipped_files_are_small_and_standard():
 
 
 def test_pipeline_generates_world_images_that_the_evaluator_reads(pipe):
+    from ddpo.shapes.evaluate import EVAL_GUIDANCE, EVAL_STEPS
     from ddpo.shapes.evaluator import analyse
 
     expected = [("green", "triangle", "purple"), ("white", "triangle", "blue"), ("black", "triangle", "orange"),
-                ("red", "square", "white"), ("yellow", "triangle", "black"), ("purple", "triangle", "green"),
+                ("red", "circle", "white"), ("yellow", "triangle", "black"), ("purple", "triangle", "green"),
                 ("green", "circle", "white"), ("white", "circle", "red")]
-    out = pipe([caption(*e) for e in expected], num_inference_steps=20, guidance_scale=5.0, eta=1.0,
-               output_type="np", generator=torch.Generator().manual_seed(0))
+    out = pipe([caption(*e) for e in expected], num_inference_steps=EVAL_STEPS, guidance_scale=EVAL_GUIDANCE,
+               eta=1.0, output_type="np", generator=torch.Generator().manual_seed(0))
     images = (out.images * 255).round().astype(np.uint8)
     assert images.shape == (8, 64, 64, 3)
     seen = [analyse(im)[:3] for im in images]
-    # Colours are learned almost perfectly; shapes less so (see docs/shapes.md for measured accuracy).
-    assert sum(s[0] == e[0] and s[2] == e[2] for s, e in zip(seen, expected)) >= 7, seen
-    assert sum(s == e for s, e in zip(seen, expected)) >= 5, seen
+    assert sum(s == e for s, e in zip(seen, expected)) >= 7, seen
+
+
+def test_base_model_draws_common_pairs_right_and_rare_pairs_wrong(pipe):
+    """The premise of the default `ddpo train`: measured with the independent evaluator on fixed seeds."""
+    from ddpo.shapes.evaluate import evaluate_pipeline
+
+    result = evaluate_pipeline(pipe, per_pair=6, seed=2)  # 144 images at the training configs' sampler
+    # Measured at 16 per pair (docs/shapes.md): common 93%, rare 40-43%; 6 per pair is noisier, hence the margins.
+    assert result["common_accuracy"] >= 0.8, result["per_pair"]
+    assert result["rare_accuracy"] <= min(0.6, result["common_accuracy"] - 0.3), result["per_pair"]
+
+
+def test_evaluation_sampler_is_the_default_training_sampler():
+    from ddpo.config import load_config
+    from ddpo.shapes.evaluate import EVAL_ETA, EVAL_GUIDANCE, EVAL_STEPS
+
+    sample = load_config("shapes_alignment").sample
+    assert (sample.num_steps, sample.guidance_scale, sample.eta) == (EVAL_STEPS, EVAL_GUIDANCE, EVAL_ETA)
 
 
 def test_out_of_vocabulary_prompt_is_accepted_by_the_model(pipe):

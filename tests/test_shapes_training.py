@@ -7,23 +7,23 @@ import pytest
 
 from ddpo.shapes.world import caption
 
-# One rare pair on two backgrounds: the base model usually draws a yellow square instead of a circle here.
+# One rare pair on two backgrounds: the base model usually draws a rounded blob instead of a square here.
 GRAMMAR = """\
-name: yellow_circles
+name: red_squares
 description: one rare colour-shape pair of the Shapes world
 rules:
   prompt: "a {color} {shape} on a {background} background"
-  color: [yellow]
-  shape: [circle]
+  color: [red]
+  shape: [square]
   background: [blue, purple]
 """
 
 
 def _mean_reward(pipe, reward, n: int = 16) -> float:
-    from ddpo.shapes.evaluate import generate
+    from ddpo.shapes.evaluate import EVAL_ETA, EVAL_GUIDANCE, EVAL_STEPS, generate
 
-    triples = [("yellow", "circle", bg) for bg in ["blue", "purple"] * (n // 2)]
-    images = generate(pipe, triples, seed=123, steps=10, guidance=5.0, eta=1.0)
+    triples = [("red", "square", bg) for bg in ["blue", "purple"] * (n // 2)]
+    images = generate(pipe, triples, seed=123, steps=EVAL_STEPS, guidance=EVAL_GUIDANCE, eta=EVAL_ETA)
     from PIL import Image
 
     scores, _ = reward([Image.fromarray(im) for im in images], [caption(*t) for t in triples], [{}] * n)
@@ -37,7 +37,7 @@ def test_short_ddpo_run_raises_the_alignment_reward(tmp_path):
     from ddpo.trainer import train
     from rewards import build_reward
 
-    grammar = tmp_path / "yellow_circles.yaml"
+    grammar = tmp_path / "red_squares.yaml"
     grammar.write_text(GRAMMAR)
     config = load_config("shapes_alignment", [
         f"prompts.grammar={grammar}", "prompts.split=all", "prompts.eval_every=0", "reward.executor=inline",

@@ -13,6 +13,7 @@ STAGES = ["vae", "decoder", "unet", "captioner", "assemble"]
 
 
 def _parser() -> argparse.ArgumentParser:
+    from ddpo.shapes.evaluate import EVAL_ETA, EVAL_GUIDANCE, EVAL_STEPS
     from ddpo.shapes.pretrain import PretrainConfig
 
     parser = argparse.ArgumentParser(prog="ddpo shapes", description=__doc__)
@@ -31,9 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", default="shapes", help="'shapes' (the shipped pipeline) or a pipeline folder")
     ev.add_argument("--lora", type=Path, default=None, help="optional LoRA checkpoint folder from `ddpo train`")
     ev.add_argument("--per-pair", type=int, default=16, help="images per colour-shape pair (fixed seeds)")
-    ev.add_argument("--steps", type=int, default=20, help="DDIM steps")
-    ev.add_argument("--guidance", type=float, default=5.0)
-    ev.add_argument("--eta", type=float, default=1.0)
+    ev.add_argument("--steps", type=int, default=EVAL_STEPS, help="DDIM steps (default: the shapes_alignment sampler)")
+    ev.add_argument("--guidance", type=float, default=EVAL_GUIDANCE, help="classifier-free guidance scale")
+    ev.add_argument("--eta", type=float, default=EVAL_ETA, help="DDIM eta (1: the stochastic policy DDPO trains)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--rare-only", action="store_true", help="only the six rare pairs (faster)")
     ev.add_argument("--grid", type=Path, default=None, help="write a PNG grid of the rare pairs here")
