@@ -7,22 +7,22 @@ import pytest
 
 from ddpo.shapes.world import caption
 
-# One rare pair on two backgrounds: the base model usually draws a rounded blob instead of a square here.
+# One rare pair on two backgrounds: the base model draws these purple squares crimson, or round (reward 0.83).
 GRAMMAR = """\
-name: red_squares
+name: purple_squares
 description: one rare colour-shape pair of the Shapes world
 rules:
   prompt: "a {color} {shape} on a {background} background"
-  color: [red]
+  color: [purple]
   shape: [square]
-  background: [blue, purple]
+  background: [blue, yellow]
 """
 
 
 def _mean_reward(pipe, reward, n: int = 16) -> float:
     from ddpo.shapes.evaluate import EVAL_ETA, EVAL_GUIDANCE, EVAL_STEPS, generate
 
-    triples = [("red", "square", bg) for bg in ["blue", "purple"] * (n // 2)]
+    triples = [("purple", "square", bg) for bg in ["blue", "yellow"] * (n // 2)]
     images = generate(pipe, triples, seed=123, steps=EVAL_STEPS, guidance=EVAL_GUIDANCE, eta=EVAL_ETA)
     from PIL import Image
 
@@ -37,12 +37,12 @@ def test_short_ddpo_run_raises_the_alignment_reward(tmp_path):
     from ddpo.trainer import train
     from rewards import build_reward
 
-    grammar = tmp_path / "red_squares.yaml"
+    grammar = tmp_path / "purple_squares.yaml"
     grammar.write_text(GRAMMAR)
     config = load_config("shapes_alignment", [
         f"prompts.grammar={grammar}", "prompts.split=all", "prompts.eval_every=0", "reward.executor=inline",
         "sample.batch_size=8", "sample.num_batches_per_epoch=2", "train.batch_size=8",
-        "train.num_epochs=10", "train.per_prompt_stat_tracking=false", "train.learning_rate=3e-3",
+        "train.num_epochs=15", "train.per_prompt_stat_tracking=false", "train.learning_rate=2e-3",
         f"logging.output_dir={tmp_path}", "logging.run_name=ci", "logging.progress=false",
         "logging.sample_grid=false", "logging.save_every=10",
     ])
