@@ -47,7 +47,7 @@ def run_one(algorithm: str, seed: int, epochs: int, out_dir: Path, extra: list[s
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}); see {log}")
     rows = [json.loads(line) for line in (out_dir / name / "metrics.jsonl").read_text().splitlines() if line]
     acc = subprocess.run([sys.executable, "-m", "ddpo.cli", "shapes", "eval", "--lora", str(out_dir / name),
-                          "--rare-only", "--per-pair", "14", "--steps", "10", "--json", str(out_dir / f"{name}_eval.json")],
+                          "--rare-only", "--per-pair", "16", "--json", str(out_dir / f"{name}_eval.json")],
                          capture_output=True, text=True, env=env)
     if acc.returncode != 0:
         raise RuntimeError(f"evaluation of {name} failed: {acc.stderr[-2000:]}")
@@ -113,7 +113,7 @@ def main() -> int:
     jobs = [(a, s) for s in args.seeds for a in args.algorithms]
     with ThreadPoolExecutor(args.parallel) as pool:
         runs = list(pool.map(lambda job: run_one(*job, args.epochs, args.out, args.overrides), jobs))
-    base = subprocess.run([sys.executable, "-m", "ddpo.cli", "shapes", "eval", "--rare-only", "--per-pair", "14", "--steps", "10",
+    base = subprocess.run([sys.executable, "-m", "ddpo.cli", "shapes", "eval", "--rare-only", "--per-pair", "16",
                            "--json", str(args.out / "base_eval.json")], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     base_rare = json.loads((args.out / "base_eval.json").read_text())["rare_accuracy"] if base.returncode == 0 else None
