@@ -74,6 +74,7 @@ class RewardPool:
         from rewards import build_reward
 
         self.name, self.executor = name, executor
+        self._futures: list[cf.Future] = []  # submitted to the pool and maybe not done: close() must know
         # Built here too, so a bad name or bad kwargs fail before any model loads (rewards load weights lazily).
         self.reward = build_reward(name, **kwargs)
         if executor == "process":
@@ -95,12 +96,19 @@ class RewardPool:
                 future.set_exception(err)
             return future
         if self.executor == "process":
-            return self._pool.submit(_score_in_worker, self.name, array, prompts, metadata)
-        return self._pool.submit(_score, self.reward, self.name, array, prompts, metadata)
+            future = self._pool.submit(_score_in_worker, self.name, array, prompts, metadata)
+        else:
+            future = self._pool.submit(_score, self.reward, self.name, array, prompts, metadata)
+        self._futures = [f for f in self._futures if not f.done()] + [future]
+        return future
 
     def close(self) -> None:
+        """Stop the worker. Joined when idle: `shutdown(wait=False)` on an idle process pool let CPython's exit hook
+        write to the pool's closed wake-up pipe ("OSError: Bad file descriptor" after a finished run). A worker still
+        busy (an error path mid-batch) is not waited for, so a hung reward cannot hold the exit."""
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            busy = any(not f.done() for f in self._futures)
+            self._pool.shutdown(wait=not busy, cancel_futures=True)
 
 
 def check_finite(scores: np.ndarray, prompts: list[str], info: dict[str, list], policy: str) -> np.ndarray:

@@ -47,3 +47,13 @@ def test_worker_exits_when_the_trainer_is_killed():
         time.sleep(0.2)
     os.kill(worker_pid, signal.SIGKILL)
     raise AssertionError("the reward worker outlived its trainer")
+
+
+def test_close_joins_an_idle_worker():
+    """After the last batch, close() waits for the worker to exit (no half-shut pool left to the exit hooks)."""
+    pool = RewardPool("jpeg_compressibility", {}, "process")
+    pool.submit(torch.rand(1, 3, 16, 16), ["a cat"], [{}]).result()
+    workers = list(pool._pool._processes.values())
+    assert len(workers) == 1 and workers[0].is_alive()
+    pool.close()
+    assert not workers[0].is_alive(), "the idle reward worker was still running after close()"
