@@ -16,7 +16,7 @@ from ddpo.shapes.evaluator import analyse
 from ddpo.shapes.world import COLORS, COMMON_PAIRS, RARE_PAIRS, SHAPES, caption
 
 # The sampler of configs/shapes_alignment.yaml (the default `ddpo train`), so that accuracy is measured on the
-# policy DDPO trains; tests/test_shapes_world.py checks that the two agree. Guidance 2 because stronger
+# policy DDPO trains; tests/test_shapes_pretrained.py checks that the two agree. Guidance 2 because stronger
 # guidance distorts this model's shapes (common-pair accuracy 94% at 2, 79% at 3, 19% at 5; docs/shapes.md).
 EVAL_STEPS = 10
 EVAL_GUIDANCE = 2.0
