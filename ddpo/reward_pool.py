@@ -30,7 +30,6 @@ _WORKER_REWARD = None  # the reward callable inside a worker process
 
 def _exit_with_parent(parent_pid: int, poll_s: float = 1.0) -> None:
     """Stop this worker when the trainer is gone (killed with SIGKILL or SIGTERM, it never shuts the pool down)."""
-    import os
     import threading
     import time
 
@@ -54,7 +53,7 @@ def _init_worker(name: str, kwargs: dict[str, Any], parent_pid: int) -> None:
 def _score(reward, name: str, images: np.ndarray, prompts: list[str], metadata: list[dict]) -> RewardBatch:
     try:
         scores, info = reward(torch.from_numpy(images), prompts, metadata)
-    except Exception as err:  # surfaces in the trainer with the prompts that caused it
+    except Exception as err:  # noqa: BLE001 -- any user reward error surfaces in the trainer with its prompts
         raise RewardError(f"reward {name!r} raised {type(err).__name__}: {err}\n  on prompts: {prompts}") from None
     scores = np.asarray(scores, dtype=np.float32).reshape(-1)
     if scores.shape != (len(prompts),):
