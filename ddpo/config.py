@@ -47,6 +47,10 @@ class SampleConfig:
     guidance_scale: float = 5.0
     batch_size: int = 1  # per process
     num_batches_per_epoch: int = 2  # per process
+    # Each prompt of a batch is drawn once and sampled this many times (with different noise). With
+    # train.stat_buffer_size = train.stat_min_count = images_per_prompt, every sample's advantage is its reward
+    # against the other images of the same prompt and the same policy (group-relative, as in GRPO).
+    images_per_prompt: int = 1
     negative_prompt: str = ""
 
 
@@ -67,6 +71,9 @@ class TrainConfig:
     # Coupled to log-probs being a MEAN over latent dimensions (ddpo/logprob.py): with a sum, ratios explode.
     clip_range: float = 1e-4
     adv_clip_max: float = 5.0
+    # beta of a KL penalty towards the pretrained model (LoRA off), per step and per latent dimension like the
+    # log-probs: loss += kl_coef * ||mu_theta - mu_ref||^2 / (2 sigma_t^2). 0 turns it off (the paper's DDPO).
+    kl_coef: float = 0.0
     timestep_fraction: float = 1.0
     cfg: bool = True  # recompute log-probs with classifier-free guidance, as they were sampled
     rwr_temperature: float = 0.2  # beta in exp(r / beta), on normalised rewards
@@ -239,6 +246,7 @@ def validate(c: Config) -> None:
     s, t, p, lg = c.sample, c.train, c.prompts, c.logging
     for key, value in [("sample.num_steps", s.num_steps), ("sample.batch_size", s.batch_size),
                        ("sample.num_batches_per_epoch", s.num_batches_per_epoch), ("train.batch_size", t.batch_size),
+                       ("sample.images_per_prompt", s.images_per_prompt),
                        ("train.num_epochs", t.num_epochs), ("train.num_inner_epochs", t.num_inner_epochs),
                        ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
                        ("logging.save_every", lg.save_every), ("logging.keep_last", lg.keep_last),
@@ -252,6 +260,9 @@ def validate(c: Config) -> None:
     if t.algorithm == "ddpo_sf":
         _require(t.num_inner_epochs == 1, "train.algorithm=ddpo_sf (REINFORCE) is on-policy: set train.num_inner_epochs=1 "
                  "(use ddpo_is for several inner epochs)")
+    _require(s.batch_size % s.images_per_prompt == 0,
+             f"sample.batch_size={s.batch_size} is not divisible by sample.images_per_prompt={s.images_per_prompt}: "
+             "a batch holds whole groups of images of one prompt; choose a batch size that is a multiple of it")
     samples = s.batch_size * s.num_batches_per_epoch
     _require(samples % t.batch_size == 0,
              f"sample.batch_size * sample.num_batches_per_epoch = {samples} samples per process is not divisible by "
@@ -263,6 +274,12 @@ def validate(c: Config) -> None:
     _require(0 < t.timestep_fraction <= 1, f"train.timestep_fraction={t.timestep_fraction} must be in (0, 1]")
     _require(t.clip_range > 0, f"train.clip_range={t.clip_range} must be > 0")
     _require(t.adv_clip_max > 0, f"train.adv_clip_max={t.adv_clip_max} must be > 0")
+    _require(t.kl_coef >= 0, f"train.kl_coef={t.kl_coef} must be >= 0 (0 turns the KL penalty off)")
+    if t.kl_coef > 0:
+        _require(t.algorithm in ("ddpo_is", "ddpo_sf"), f"train.kl_coef={t.kl_coef} is a penalty on the DDPO policy's "
+                 f"steps; train.algorithm={t.algorithm} has none. Set train.kl_coef=0")
+        _require(c.model.use_lora, f"train.kl_coef={t.kl_coef} takes the pretrained model as the reference by turning "
+                 "the LoRA adapters off; full finetuning keeps no copy of it. Set model.use_lora=true or train.kl_coef=0")
     _require(t.learning_rate > 0, f"train.learning_rate={t.learning_rate} must be > 0")
     _require(t.max_grad_norm > 0, f"train.max_grad_norm={t.max_grad_norm} must be > 0")
     _require(t.rwr_temperature > 0, f"train.rwr_temperature={t.rwr_temperature} must be > 0")

@@ -7,6 +7,7 @@
 | `ratio`          | p_theta / p_theta_old, the importance weight           |
 | `advantages`     | normalised reward r(x_0, c) (see ddpo/advantages.py)    |
 | `clip_range`     | epsilon of the PPO clip (1e-4 for MEAN log-probs)       |
+| `gaussian_kl`    | KL(p_theta || p_ref) of one step, the `kl_coef` penalty |
 
 `log_prob` is the per-dimension MEAN log-density (ddpo/logprob.py); the default `clip_range` of 1e-4 is
 tuned for that: with summed log-probs it would clip every sample.
@@ -45,6 +46,16 @@ def ddpo_sf_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages:
     """DDPO_SF (REINFORCE): -A * log p_theta. On-policy, so one inner epoch; the ratio is logged, not used."""
     advantages = advantages.clamp(-adv_clip_max, adv_clip_max)
     return (-advantages * log_prob).mean(), ratio_stats(log_prob, old_log_prob, clip_range)
+
+
+def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, std^2) || N(ref_mean, std^2)) per latent dimension, averaged like the log-probs.
+
+    mean, ref_mean: (B, C, h, w); std: (B, 1, 1, 1), the same for both policies (it depends only on t and eta).
+    Returns (B,): ||mean - ref_mean||^2 / (2 std^2) / (C h w). The penalty `train.kl_coef` multiplies it.
+    """
+    per_dim = (mean.float() - ref_mean.float()) ** 2 / (2 * std.float() ** 2)
+    return per_dim.mean(dim=tuple(range(1, per_dim.ndim)))
 
 
 def rwr_weights(advantages: torch.Tensor, temperature: float) -> torch.Tensor:

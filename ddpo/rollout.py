@@ -60,8 +60,9 @@ def collect_rollout(pipe, unet, grammar, reward_pool: RewardPool, config, epoch:
     start = time.perf_counter()
     for b in tqdm(range(s.num_batches_per_epoch), desc=f"epoch {epoch} sampling", leave=False, disable=not progress):
         global_batch = b * num_processes + process_index
-        prompts = grammar.sample(s.batch_size, seed=derive_seed(config.seed, epoch, global_batch, "prompts"),
-                                 split=split_arg(config.prompts.split))
+        drawn = grammar.sample(s.batch_size // s.images_per_prompt, split=split_arg(config.prompts.split),
+                               seed=derive_seed(config.seed, epoch, global_batch, "prompts"))
+        prompts = [p for p in drawn for _ in range(s.images_per_prompt)]  # each prompt's images side by side
         batch_texts, batch_meta = [p.text for p in prompts], [dict(p.metadata) for p in prompts]
         generator = torch.Generator().manual_seed(derive_seed(config.seed, epoch, global_batch, "noise"))
         with autocast():

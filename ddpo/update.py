@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ddpo.logprob import ddim_step_with_logprob
-from ddpo.losses import ddpo_is_loss, ddpo_sf_loss, rwr_loss, rwr_sparse_weights, rwr_weights
+from ddpo.logprob import ddim_step_mean_std, ddim_step_with_logprob
+from ddpo.losses import ddpo_is_loss, ddpo_sf_loss, gaussian_kl, rwr_loss, rwr_sparse_weights, rwr_weights
 from ddpo.rollout import Rollout, derive_seed
 from ddpo.sampler import predict_noise
 
@@ -34,7 +34,24 @@ def _ddpo_step_loss(unet, scheduler, rollout: Rollout, idx, t_idx, weights, conf
                                          prev_sample=next_latents)
     loss, stats = _DDPO_LOSSES[t.algorithm](log_prob, traj.log_probs[idx, t_idx], weights[idx],
                                             t.clip_range, t.adv_clip_max)
+    if t.kl_coef > 0:
+        ref_pred = _reference_noise(unet, latents, timesteps, traj.prompt_embeds[idx], traj.negative_embeds[idx],
+                                    guidance)
+        mean, std = ddim_step_mean_std(scheduler, noise_pred, timesteps, latents, s.eta)
+        ref_mean, _ = ddim_step_mean_std(scheduler, ref_pred, timesteps, latents, s.eta)
+        loss = loss + t.kl_coef * gaussian_kl(mean, ref_mean, std).mean()
     return loss, stats.approx_kl, stats.clipfrac
+
+
+@torch.no_grad()
+def _reference_noise(unet, latents, timesteps, prompt_embeds, negative_embeds, guidance) -> torch.Tensor:
+    """The pretrained model's prediction (B, C, h, w): the same UNet with its LoRA adapters turned off."""
+    model = getattr(unet, "module", unet)  # under DDP, the wrapped model (no gradient, so no DDP hooks needed)
+    model.disable_adapters()
+    try:
+        return predict_noise(model, latents, timesteps, prompt_embeds, negative_embeds, guidance)
+    finally:
+        model.enable_adapters()
 
 
 def _rwr_step_loss(unet, scheduler, rollout: Rollout, idx, seeds: list[int], weights):

@@ -52,9 +52,11 @@ class VLMBertScoreReward:
     def __init__(self, captioner: str = "llava", captioner_kwargs: dict | None = None,
                  question: str = "What is happening in this image?", reference_template: str = "{prompt}",
                  bertscore_model: str | None = None, num_layers: int | None = None, metric: str = "recall",
-                 caption_retries: int = 2, device: str = "cpu", batch_size: int = 64):
+                 caption_retries: int = 2, num_captions: int = 1, device: str = "cpu", batch_size: int = 64):
         if metric not in METRICS:
             raise ValueError(f"vlm_bertscore metric={metric!r}; choose one of {METRICS} (the paper used recall)")
+        if num_captions < 1:
+            raise ValueError(f"vlm_bertscore num_captions={num_captions}: must be >= 1")
         if bertscore_model is None and num_layers not in (None, 6):
             raise ValueError("the default BERTScore model all-MiniLM-L6-v2 has 6 layers; leave num_layers unset")
         # None: 6 for the default MiniLM, else bert_score's own table (40 for microsoft/deberta-xlarge-mnli);
@@ -64,6 +66,7 @@ class VLMBertScoreReward:
         self.question, self.reference_template, self.metric = question, reference_template, metric
         self.bertscore_model, self.num_layers = bertscore_model, num_layers
         self.caption_retries, self.device, self.batch_size = caption_retries, device, batch_size
+        self.num_captions = num_captions
         self._captioner = None
 
     @property
@@ -98,26 +101,41 @@ class VLMBertScoreReward:
         return captions
 
     def __call__(self, images: Any, prompts: list[str], metadata: list[dict]):
-        pil = to_pil(images)
+        """Score = BERTScore(caption, reference), averaged over `num_captions` captions of each image.
+
+        Several captions only differ when the captioner samples (do_sample); their mean estimates the expected
+        score under the captioner's answer distribution, a graded reward where one greedy answer is all or nothing.
+        """
+        pil, k = to_pil(images), self.num_captions
         hook = getattr(self.captioner, "unscorable_reason", None)
         unscorable = [hook(p) if hook else None for p in prompts]
         todo = [i for i, reason in enumerate(unscorable) if not reason]
-        captions = [""] * len(pil)
-        for i, caption in zip(todo, self._captions([pil[i] for i in todo], [prompts[i] for i in todo])):
-            captions[i] = caption
+        asked = [i for i in todo for _ in range(k)]  # each image k times, its copies side by side
+        answers = self._captions([pil[i] for i in asked], [prompts[i] for i in asked])
+        captions = {i: answers[j * k:(j + 1) * k] for j, i in enumerate(todo)}
         references = [self.reference(p, m) for p, m in zip(prompts, metadata)]
-        prf = np.zeros((3, len(pil)), dtype=np.float32)  # rows: precision, recall, f1
-        captioned = [i for i in todo if captions[i].strip()]
-        if captioned:
-            scorer = get_bertscorer(self.bertscore_model or default_bertscore_model(), self.num_layers,
-                                    self.device, self.batch_size)
-            p, r, f = scorer.score([captions[i] for i in captioned], [references[i] for i in captioned])
-            prf[:, captioned] = np.stack([p.numpy(), r.numpy(), f.numpy()])
+        pairs = sorted({(c, references[i]) for i in todo for c in captions[i] if c.strip()})
+        scored = self._bertscore(pairs)
+        prf = np.zeros((3, len(pil)), dtype=np.float32)  # rows: precision, recall, f1; an empty caption scores 0
+        for i in todo:
+            prf[:, i] = np.mean([scored.get((c, references[i]), (0.0, 0.0, 0.0)) for c in captions[i]], axis=0)
         prf[:, [i for i, reason in enumerate(unscorable) if reason]] = np.nan
         scores = prf[METRICS.index(self.metric)].copy()
-        info = {"captions": captions, "references": references,
+        info = {"captions": [captions[i][0] if i in captions else "" for i in range(len(pil))],
+                "references": references,
                 "bertscore_precision": prf[0].tolist(), "bertscore_recall": prf[1].tolist(),
                 "bertscore_f1": prf[2].tolist(),
-                "caption_failed": [i in todo and i not in captioned for i in range(len(pil))],
+                "caption_failed": [i in captions and not any(c.strip() for c in captions[i]) for i in range(len(pil))],
                 "unscorable": unscorable}
+        if k > 1:
+            info["all_captions"] = [captions.get(i, []) for i in range(len(pil))]
         return scores, info
+
+    def _bertscore(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[float, float, float]]:
+        """(caption, reference) pairs, each once -> (precision, recall, f1)."""
+        if not pairs:
+            return {}
+        scorer = get_bertscorer(self.bertscore_model or default_bertscore_model(), self.num_layers,
+                                self.device, self.batch_size)
+        p, r, f = scorer.score([c for c, _ in pairs], [ref for _, ref in pairs])
+        return {pair: (float(a), float(b), float(c)) for pair, a, b, c in zip(pairs, p.tolist(), r.tolist(), f.tolist())}

@@ -35,6 +35,8 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
     (["train.timestep_fraction=0"], r"timestep_fraction"),
     (["train.algorithm=ddpo_sf", "train.num_inner_epochs=2"], r"on-policy"),
     (["sample.guidance_scale=0.5"], r"guidance_scale"),
+    (["sample.images_per_prompt=3"], r"sample.batch_size=2 is not divisible by sample.images_per_prompt=3"),
+    (["train.kl_coef=-1"], r"kl_coef=-1.0 must be >= 0"),
 ])
 def test_bad_values_are_named(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ddpo.losses import ddpo_is_loss, ddpo_sf_loss, rwr_loss, rwr_sparse_weights, rwr_weights
+from ddpo.losses import ddpo_is_loss, ddpo_sf_loss, gaussian_kl, rwr_loss, rwr_sparse_weights, rwr_weights
 
 
 def grad_of(loss_fn, log_prob, old, adv, clip=0.1, adv_max=5.0):
@@ -65,3 +65,13 @@ def test_rwr_loss_is_weighted_mse():
     target[1] *= 2
     assert rwr_loss(pred, target, torch.tensor([1.0, 0.0])).item() == pytest.approx(0.5)
     assert rwr_loss(pred, target, torch.tensor([0.0, 1.0])).item() == pytest.approx(2.0)
+
+
+def test_gaussian_kl_is_the_squared_mean_gap_over_twice_the_variance_per_dimension():
+    mean = torch.zeros(2, 4, 3, 3)
+    ref = mean.clone()
+    ref[0] += 0.3  # every dimension of sample 0 moved by 0.3; sample 1 equal
+    std = torch.tensor([0.5, 0.5]).reshape(2, 1, 1, 1)
+    torch.testing.assert_close(gaussian_kl(mean, ref, std), torch.tensor([0.3**2 / (2 * 0.25), 0.0]))
+    ref[1, 0] += 1.0  # one channel of four: a quarter of the dimensions
+    assert gaussian_kl(mean, ref, std)[1] == pytest.approx(1.0 / (2 * 0.25) / 4)

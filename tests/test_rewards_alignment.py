@@ -209,3 +209,35 @@ def test_shapes_backend_alias_resolves_to_the_shapes_captioner(tmp_path):
     assert isinstance(reward.fn.captioner, captioner_module.ShapesCaptioner)
     assert np.isfinite(scores[0]) and info["captions"][0].endswith("background")
     assert np.isnan(scores[1]) and "dolphin" in info["unscorable"][1]
+
+
+class CyclingCaptioner:
+    """Answers "a red square" and "a blue square" in turn, whatever the image: a sampling VLM in miniature."""
+
+    def __init__(self):
+        self.count = 0
+
+    def caption(self, images, question):
+        answers = ["a red square" if (self.count + i) % 2 == 0 else "a blue square" for i in range(len(images))]
+        self.count += len(images)
+        return answers
+
+
+def test_num_captions_averages_the_score_over_several_answers(monkeypatch):
+    import rewards.alignment as alignment
+
+    one = build_reward("vlm_bertscore", captioner="test_rewards_alignment:FakeCaptioner")
+    right, _ = one([RED], ["a red square"], None)
+    wrong, _ = one([BLUE], ["a red square"], None)
+    scored_pairs = []
+    real_score = alignment.get_bertscorer(default_bertscore_model(), 6, "cpu").score
+    monkeypatch.setattr(type(alignment.get_bertscorer(default_bertscore_model(), 6, "cpu")), "score",
+                        lambda self, cands, refs: scored_pairs.append(len(cands)) or real_score(cands, refs))
+    four = build_reward("vlm_bertscore", captioner="test_rewards_alignment:CyclingCaptioner", num_captions=4)
+    scores, info = four([RED, BLUE], ["a red square", "a red square"], None)
+    # each image got 2 right and 2 wrong answers: the mean of the two scores, for both images
+    np.testing.assert_allclose(scores, [(right[0] + wrong[0]) / 2] * 2, rtol=1e-5)
+    assert info["all_captions"][0] == ["a red square", "a blue square"] * 2 and info["captions"][0] == "a red square"
+    assert scored_pairs == [2]  # 8 answers, 2 distinct (caption, reference) pairs: each scored once
+    with pytest.raises(ValueError, match="num_captions=0"):
+        build_reward("vlm_bertscore", captioner="shapes", num_captions=0)

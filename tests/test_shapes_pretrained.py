@@ -117,3 +117,29 @@ def test_captioner_round_trip(tmp_path, captioner):
     for a, b in zip(CaptionerNet.from_pretrained(tmp_path / "cap").state_dict().values(),
                     captioner.net.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_sampling_captioner_draws_words_with_the_networks_probabilities(captioner):
+    """do_sample: a caption's words are drawn from the heads' softmax, seeded by the pixels (the same image always
+    gets the same caption; copies of an image in one batch get independent draws)."""
+    from ddpo.shapes.captioner import ShapesCaptioner, images_to_input
+    from ddpo.shapes.world import SHAPES
+
+    sampler = ShapesCaptioner(do_sample=True)
+    # a square with heavily rounded corners: between the captioner's square and circle
+    image = np.full((64, 64, 3), (37, 99, 235), dtype=np.uint8)
+    yy, xx = np.mgrid[:64, :64]
+    d = np.maximum(np.maximum(np.abs(xx - 31.5) - 8, np.abs(yy - 31.5) - 8), 0)
+    corner = np.hypot(np.clip(np.abs(xx - 31.5) - 8, 0, None), np.clip(np.abs(yy - 31.5) - 8, 0, None))
+    image[(d <= 8) & (corner <= 8)] = (250, 204, 21)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        p_square = float(captioner.net(images_to_input(x))[1].softmax(1)[0, SHAPES.index("square")])
+    copies = x.expand(600, -1, -1, -1)
+    shapes = [s for _, s, _ in sampler.predict(copies)]
+    assert 0.02 < p_square < 0.98, "the test image should be ambiguous for this check to mean anything"
+    assert abs(shapes.count("square") / 600 - p_square) < 0.07  # binomial sd <= 0.02
+    assert sampler.predict(copies[:5]) == sampler.predict(copies[:5])  # reproducible
+    assert captioner.predict(copies[:3]) == [captioner.predict(x)[0]] * 3  # argmax is deterministic
+    with pytest.raises(ValueError, match="temperature"):
+        ShapesCaptioner(do_sample=True, temperature=0)

@@ -112,3 +112,26 @@ def test_metrics_rows_are_plain_json(tmp_path):
     run_dir = run(tmp_path, "train.num_epochs=1")
     row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert all(isinstance(row[k], (int, float)) for k in REQUIRED_KEYS)
+
+
+def test_images_per_prompt_samples_each_prompt_in_a_group_with_different_noise():
+    from contextlib import nullcontext
+
+    from ddpo.reward_pool import RewardPool
+    from ddpo.rollout import collect_rollout
+    from ddpo.tiny import build_tiny_pipeline
+    from prompts import load_grammar
+
+    config = load_config("tiny_cpu", ["sample.batch_size=6", "sample.images_per_prompt=3", "train.batch_size=3"])
+    pipe = build_tiny_pipeline()
+    pool = RewardPool("rewards_for_tests:brightness", {}, "inline")
+    try:
+        rollout = collect_rollout(pipe, pipe.unet, load_grammar("simple_animals"), pool, config, epoch=0,
+                                  process_index=0, num_processes=1, device=torch.device("cpu"), autocast=nullcontext,
+                                  progress=False)
+    finally:
+        pool.close()
+    groups = [rollout.prompts[i:i + 3] for i in range(0, 12, 3)]  # 2 batches of 2 prompts x 3 images
+    assert all(len(set(g)) == 1 for g in groups) and len({g[0] for g in groups}) > 1
+    images = rollout.trajectories.images
+    assert not torch.equal(images[0], images[1]) and not torch.equal(images[1], images[2])

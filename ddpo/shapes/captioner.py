@@ -98,25 +98,59 @@ def pil_to_tensor(images: list) -> torch.Tensor:
 class ShapesCaptioner:
     """Captioner protocol (rewards/captioners.py) for the Shapes world. `path`: a captioner folder, or the shipped one."""
 
-    def __init__(self, path: str | Path | None = None, device: str = "cpu", batch_size: int = 256):
+    def __init__(self, path: str | Path | None = None, device: str = "cpu", batch_size: int = 256,
+                 do_sample: bool = False, temperature: float = 1.0, seed: int = 0):
+        """`do_sample`: draw each word from the network's softmax at `temperature` instead of taking the argmax,
+        the way a VLM samples its answer. A drawn caption is right with the probability the network gives it, so
+        the expected reward grades a shape by how sure the captioner is (a rounded square scores lower than a
+        crisp one), where argmax gives both full marks. Draws are seeded by the image's pixels and `seed`, so the
+        same image always gets the same caption: rewards are reproducible, also across a resume."""
         from ddpo.shapes import captioner_path
 
+        if temperature <= 0:
+            raise ValueError(f"ShapesCaptioner temperature={temperature}: must be > 0 (do_sample=false for argmax)")
         self.path = Path(path) if path is not None else captioner_path()
         self.net = CaptionerNet.from_pretrained(self.path).to(device).requires_grad_(False)
         self.device, self.batch_size = device, batch_size
+        self.do_sample, self.temperature, self.seed = do_sample, temperature, seed
 
     @torch.no_grad()
     def predict(self, images01: torch.Tensor) -> list[tuple[str, str, str]]:
         """(B, 3, H, W) in [0, 1] -> (color, shape, background) per image."""
         out = []
+        generators = self._generators(images01) if self.do_sample else None
         for start in range(0, len(images01), self.batch_size):
             x = images_to_input(images01[start:start + self.batch_size].to(self.device).float())
-            color, shape, background = self.net(x)
-            # The world never paints a shape on its own colour: take the best background among the others.
-            background = background.scatter(1, color.argmax(1, keepdim=True), float("-inf"))
-            out += [(COLORS[c], SHAPES[s], COLORS[b]) for c, s, b in
-                    zip(color.argmax(1).tolist(), shape.argmax(1).tolist(), background.argmax(1).tolist())]
+            color, shape, background = (logits.float().cpu() for logits in self.net(x))
+            gens = generators[start:start + self.batch_size] if generators else None
+            c = self._choose(color, gens)
+            # The world never paints a shape on its own colour: choose the background among the others.
+            b = self._choose(background.scatter(1, c[:, None], float("-inf")), gens)
+            out += [(COLORS[i], SHAPES[j], COLORS[k]) for i, j, k in
+                    zip(c.tolist(), self._choose(shape, gens).tolist(), b.tolist())]
         return out
+
+    def _choose(self, logits: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
+        """(B, K) logits -> (B,) indices: argmax, or one draw per row from softmax(logits / temperature)."""
+        if generators is None:
+            return logits.argmax(1)
+        probs = (logits / self.temperature).softmax(1)
+        return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
+
+    def _generators(self, images01: torch.Tensor) -> list[torch.Generator]:
+        """One generator per image, seeded by its 8-bit pixels and `seed`; the k-th copy of an image in the batch
+        gets draw k, so repeated images (several captions of one image) get independent captions."""
+        import hashlib
+
+        pixels = (images01.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        copies: dict[bytes, int] = {}
+        generators = []
+        for image in pixels:
+            digest = hashlib.sha256(image.tobytes()).digest()
+            k = copies[digest] = copies.get(digest, -1) + 1
+            key = hashlib.sha256(digest + f"{self.seed}:{k}".encode()).digest()
+            generators.append(torch.Generator().manual_seed(int.from_bytes(key[:8], "little")))
+        return generators
 
     def caption(self, images: list, question: str = "") -> list[str]:
         """RGB PIL images -> captions in the world's phrasing. The question is ignored: there is one thing to say."""

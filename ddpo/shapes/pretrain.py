@@ -46,6 +46,10 @@ class PretrainConfig:
     captioner_steps: int = 1200
     captioner_batch: int = 64
     captioner_lr: float = 2e-3
+    # Share of squares and circles drawn instead as squares with rounded corners, whose shape label is soft:
+    # P(square) = how far the fill ratio lies from a circle's (pi/4) to a square's (1). A generated shape between the
+    # two then gets an uncertain caption instead of a confident "square" (see docs/shapes.md, the captioner).
+    captioner_rounded_fraction: float = 0.0
     log_every: int = 50
 
 
@@ -242,14 +246,15 @@ def train_captioner(cfg: PretrainConfig, work_dir: Path) -> Path:
     start = time.time()
     for step in range(cfg.captioner_steps):
         scenes = sample_scenes(cfg.captioner_batch, rng, rare_fraction=0.25)
-        x = _images_to_tensor(render_batch(scenes))
+        images, p_square = _with_rounded_squares(scenes, cfg.captioner_rounded_fraction, rng)
+        x = _images_to_tensor(images)
         half = cfg.captioner_batch // 2
         with torch.no_grad():
             x[:half] = vae.decode(vae.encode(x[:half]).latent_dist.sample()).sample.clamp(-1, 1)
         x = x + 0.05 * torch.randn_like(x) * torch.rand(len(x), 1, 1, 1)
         images01 = (x.clamp(-1, 1) + 1) / 2
         logits = net(images_to_input(images01))
-        targets = _targets(scenes)
+        targets = _targets(scenes, p_square)
         losses = [torch.nn.functional.cross_entropy(lg, tg) for lg, tg in zip(logits, targets)]
         loss = sum(losses)
         opt.zero_grad(set_to_none=True)
@@ -257,19 +262,56 @@ def train_captioner(cfg: PretrainConfig, work_dir: Path) -> Path:
         opt.step()
         sched.step()
         if step % cfg.log_every == 0 or step == cfg.captioner_steps - 1:
-            acc = [(lg.argmax(1) == tg).float().mean().item() for lg, tg in zip(logits, targets)]
+            acc = [(lg.argmax(1) == (tg if tg.ndim == 1 else tg.argmax(1))).float().mean().item()
+                   for lg, tg in zip(logits, targets)]
             _log(work_dir / "captioner_log.jsonl", {"stage": "captioner", "step": step, "loss": loss.item(),
                                                     "acc_color_shape_bg": acc, "elapsed_s": round(time.time() - start, 1)})
     net.save_pretrained(work_dir / "captioner")
     return work_dir / "captioner"
 
 
-def _targets(scenes):
+def _targets(scenes, p_square=None):
+    """Class indices for colour and background; for shape, indices, or (B, 3) probabilities where rounded."""
     import torch
 
-    return (torch.tensor([COLORS.index(s.color) for s in scenes]),
-            torch.tensor([SHAPES.index(s.shape) for s in scenes]),
+    shape = torch.tensor([SHAPES.index(s.shape) for s in scenes])
+    if p_square is not None:
+        soft = torch.nn.functional.one_hot(shape, len(SHAPES)).float()
+        rounded = torch.from_numpy(~np.isnan(p_square))
+        p = torch.from_numpy(np.nan_to_num(p_square)).float()[rounded]
+        soft[rounded] = 0.0
+        soft[rounded, SHAPES.index("square")] = p
+        soft[rounded, SHAPES.index("circle")] = 1 - p
+        shape = soft
+    return (torch.tensor([COLORS.index(s.color) for s in scenes]), shape,
             torch.tensor([COLORS.index(s.background) for s in scenes]))
+
+
+def _with_rounded_squares(scenes, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Render `scenes`, redrawing about `fraction` of the squares and circles as rounded squares.
+
+    Returns images (N, 64, 64, 3) uint8 and P(square) (N,): NaN for exact shapes, else the rounded square's fill
+    ratio mapped linearly from a circle's (pi/4 -> 0) to a square's (1 -> 1). Corner radius r (in box units, 0-0.5)
+    is uniform, so the fill ratio is 1 - (4 - pi) r^2.
+    """
+    from ddpo.shapes.world import IMAGE_SIZE, PALETTE
+
+    images = render_batch(scenes)
+    p_square = np.full(len(scenes), np.nan)
+    if fraction <= 0:  # draw nothing from rng: the stream (and so the trained captioner) stays as without this option
+        return images, p_square
+    coords = np.arange(IMAGE_SIZE) + 0.5
+    for i, s in enumerate(scenes):
+        if s.shape not in ("square", "circle") or rng.random() >= fraction:
+            continue
+        r = rng.uniform(0.0, 0.5)
+        u, v = ((coords - s.x) / s.size)[None, :], ((coords - s.y) / s.size)[:, None]
+        du, dv = np.clip(np.abs(u - 0.5) - (0.5 - r), 0, None), np.clip(np.abs(v - 0.5) - (0.5 - r), 0, None)
+        mask = (np.abs(u - 0.5) <= 0.5) & (np.abs(v - 0.5) <= 0.5) & (du**2 + dv**2 <= r**2)
+        images[i] = PALETTE[s.background]
+        images[i][mask] = PALETTE[s.color]
+        p_square[i] = (1 - (4 - np.pi) * r**2 - np.pi / 4) / (1 - np.pi / 4)
+    return images, p_square
 
 
 def assemble(work_dir: Path, out_dir: Path, cfg: PretrainConfig, pipeline_name: str = "pipeline") -> Path:
