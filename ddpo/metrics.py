@@ -53,6 +53,8 @@ def epoch_line(row: dict[str, Any], num_epochs: int) -> str:
             f"  loss {fmt('loss', '.3g')}  kl {fmt('approx_kl', '.2e')}  clipfrac {fmt('clipfrac', '.3f')}"
             f"  {fmt('samples_per_s', '.2f')} samples/s (sample {row['sample_s']:.1f}s, reward wait "
             f"{row['reward_s']:.1f}s, train {row['train_s']:.1f}s)")
+    if row.get("kl_ref") is not None:
+        line += f"  kl to pretrained {row['kl_ref']:.2e}"
     if row.get("eval_reward_mean") is not None:
         line += f"  eval reward {row['eval_reward_mean']:.4f}"
     return line

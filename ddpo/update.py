@@ -23,7 +23,8 @@ _DDPO_LOSSES = {"ddpo_is": ddpo_is_loss, "ddpo_sf": ddpo_sf_loss}
 
 
 def _ddpo_step_loss(unet, scheduler, rollout: Rollout, idx, t_idx, weights, config):
-    """Loss of micro-batch `idx` (b,) at per-sample step indices `t_idx` (b,)."""
+    """Loss of micro-batch `idx` (b,) at per-sample step indices `t_idx` (b,), with approx_kl, clipfrac and the
+    KL to the pretrained model (None unless train.kl_coef > 0)."""
     s, t = config.sample, config.train
     traj = rollout.trajectories
     latents, next_latents = traj.latents[idx, t_idx], traj.latents[idx, t_idx + 1]
@@ -34,13 +35,15 @@ def _ddpo_step_loss(unet, scheduler, rollout: Rollout, idx, t_idx, weights, conf
                                          prev_sample=next_latents)
     loss, stats = _DDPO_LOSSES[t.algorithm](log_prob, traj.log_probs[idx, t_idx], weights[idx],
                                             t.clip_range, t.adv_clip_max)
+    kl_ref = None
     if t.kl_coef > 0:
         ref_pred = _reference_noise(unet, latents, timesteps, traj.prompt_embeds[idx], traj.negative_embeds[idx],
                                     guidance)
         mean, std = ddim_step_mean_std(scheduler, noise_pred, timesteps, latents, s.eta)
         ref_mean, _ = ddim_step_mean_std(scheduler, ref_pred, timesteps, latents, s.eta)
-        loss = loss + t.kl_coef * gaussian_kl(mean, ref_mean, std).mean()
-    return loss, stats.approx_kl, stats.clipfrac
+        kl_ref = gaussian_kl(mean, ref_mean, std).mean()
+        loss = loss + t.kl_coef * kl_ref
+    return loss, stats.approx_kl, stats.clipfrac, kl_ref
 
 
 @torch.no_grad()
@@ -63,7 +66,7 @@ def _rwr_step_loss(unet, scheduler, rollout: Rollout, idx, seeds: list[int], wei
     t = t.to(x0.device)
     noisy = scheduler.add_noise(x0, noise, t)
     prediction = unet(noisy, t, encoder_hidden_states=rollout.trajectories.prompt_embeds[idx]).sample
-    return rwr_loss(prediction, _denoising_target(scheduler, x0, noise, t), weights[idx]), None, None
+    return rwr_loss(prediction, _denoising_target(scheduler, x0, noise, t), weights[idx]), None, None, None
 
 
 def _denoising_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -84,7 +87,7 @@ def policy_update(unet, scheduler, optimizer, accelerator, params: list, rollout
     steps_per_sample = max(1, int(num_steps * t.timestep_fraction))
     scheduler.set_timesteps(num_steps, device=weights.device)
     accumulation = t.gradient_accumulation_steps * steps_per_sample
-    losses, kls, clipfracs = [], [], []
+    losses, kls, clipfracs, kl_refs = [], [], [], []
     for inner in range(t.num_inner_epochs):
         order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(
             derive_seed(config.seed, epoch, inner, accelerator.process_index, "order")))
@@ -98,23 +101,26 @@ def policy_update(unet, scheduler, optimizer, accelerator, params: list, rollout
                 sync = last_of_step and j == steps_per_sample - 1
                 with (contextlib.nullcontext() if sync else accelerator.no_sync(unet)), accelerator.autocast():
                     if t.algorithm in _DDPO_LOSSES:
-                        loss, kl, clipfrac = _ddpo_step_loss(unet, scheduler, rollout, idx, step_orders[idx, j],
-                                                             weights, config)
+                        loss, kl, clipfrac, kl_ref = _ddpo_step_loss(unet, scheduler, rollout, idx,
+                                                                     step_orders[idx, j], weights, config)
                     else:
                         seeds = [derive_seed(config.seed, epoch, inner, int(g), j, "rwr")
                                  for g in rollout.global_index[idx]]
-                        loss, kl, clipfrac = _rwr_step_loss(unet, scheduler, rollout, idx, seeds, weights)
+                        loss, kl, clipfrac, kl_ref = _rwr_step_loss(unet, scheduler, rollout, idx, seeds, weights)
                     accelerator.backward(loss / accumulation)
                 losses.append(loss.detach())
                 if kl is not None:
                     kls.append(kl)
                     clipfracs.append(clipfrac)
+                if kl_ref is not None:
+                    kl_refs.append(kl_ref.detach())
             if last_of_step:
                 accelerator.clip_grad_norm_(params, t.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
     return {"loss": _mean(accelerator, losses), "approx_kl": _mean(accelerator, kls) if kls else None,
-            "clipfrac": _mean(accelerator, clipfracs) if clipfracs else None}
+            "clipfrac": _mean(accelerator, clipfracs) if clipfracs else None,
+            **({"kl_ref": _mean(accelerator, kl_refs)} if kl_refs else {})}
 
 
 def _mean(accelerator, values: list[torch.Tensor]) -> float:

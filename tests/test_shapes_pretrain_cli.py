@@ -16,7 +16,8 @@ def test_pretrain_stages_write_a_loadable_pipeline_and_captioner(tmp_path):
 
     out, work = tmp_path / "pretrained", tmp_path / "work"
     args = ["pretrain", "--work-dir", str(work), "--out", str(out), "--vae-steps", "2", "--decoder-steps", "2",
-            "--num-images", "256", "--unet-steps", "2", "--captioner-steps", "2", "--log-every", "1"]
+            "--num-images", "256", "--unet-steps", "2", "--captioner-steps", "2", "--log-every", "1",
+            "--captioner-rounded-fraction", "0.5"]
     assert main(args) == 0
     manifest = json.loads((out / "MANIFEST.json").read_text())
     assert manifest["pretrain_config"]["unet_steps"] == 2 and "pipeline/unet/config.json" in manifest["files"]
@@ -35,3 +36,24 @@ def test_pretrain_rejects_unknown_stage(tmp_path):
 
     with pytest.raises(SystemExit, match="unknown stage"):
         main(["pretrain", "--work-dir", str(tmp_path), "--stages", "vae,dreaming"])
+
+
+def test_rounded_squares_get_soft_labels_that_follow_their_fill_ratio():
+    import numpy as np
+
+    from ddpo.shapes.evaluator import analyse
+    from ddpo.shapes.pretrain import _targets, _with_rounded_squares
+    from ddpo.shapes.world import SHAPES, sample_scenes
+
+    rng = np.random.default_rng(0)
+    scenes = sample_scenes(300, rng, rare_fraction=0.25)
+    images, p_square = _with_rounded_squares(scenes, 1.0, rng)
+    rounded = ~np.isnan(p_square)
+    assert rounded.sum() == sum(s.shape in ("square", "circle") for s in scenes)  # fraction 1: every one
+    fills = np.array([analyse(image).fill for image in images[rounded]])
+    assert np.corrcoef(fills, p_square[rounded])[0, 1] > 0.95  # measured 0.998
+    shape = _targets(scenes, p_square)[1]
+    np.testing.assert_allclose(shape[rounded].sum(1).numpy(), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(shape[rounded][:, SHAPES.index("square")].numpy(), p_square[rounded], rtol=1e-5)
+    again, none = _with_rounded_squares(scenes, 0.0, np.random.default_rng(0))
+    assert np.isnan(none).all() and _targets(scenes)[1].ndim == 1  # off: exact renders, class indices

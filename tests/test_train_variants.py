@@ -94,6 +94,8 @@ def test_kl_penalty_keeps_the_policy_nearer_the_pretrained_model(tmp_path):
     free = run(tmp_path / "free", "train.num_epochs=10", "train.learning_rate=1e-2")
     held = run(tmp_path / "held", "train.num_epochs=10", "train.learning_rate=1e-2", "train.kl_coef=100")
     assert 0 < _lora_norm(held) < 0.7 * _lora_norm(free)
+    kl_free, kl_held = (read_metrics(d / "metrics.jsonl")[-1].get("kl_ref") for d in (free, held))
+    assert kl_free is None and 0 < kl_held < 1  # logged only when the penalty is on
 
 
 def test_kl_penalty_needs_lora_and_a_ddpo_algorithm(tmp_path):
