@@ -24,3 +24,15 @@ def test_oracle_scores_attributes_the_evaluator_sees():
     scores, info = reward([image] * 4, prompts)
     np.testing.assert_allclose(scores[:3], [1.0, 2 / 3, 0.0], atol=1e-6)
     assert np.isnan(scores[3]) and "pink dolphin" in info["unscorable"][3]
+
+
+def test_noise_reward_depends_on_the_pixels_only():
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in range(400)]
+    reward = build_reward("shapes_oracle_reward:noise")
+    scores, _ = reward(images, ["a red square on a blue background"] * 400)
+    again, _ = reward(images[:3], ["anything at all"] * 3)
+    np.testing.assert_array_equal(again, scores[:3])  # the same image, any prompt: the same draw
+    assert abs(scores.mean()) < 0.2 and 0.8 < scores.std() < 1.2  # N(0, 1): mean sd 0.05, sd sd 0.035
