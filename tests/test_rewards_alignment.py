@@ -224,15 +224,12 @@ class CyclingCaptioner:
 
 
 def test_num_captions_averages_the_score_over_several_answers(monkeypatch):
-    import rewards.alignment as alignment
-
     one = build_reward("vlm_bertscore", captioner="test_rewards_alignment:FakeCaptioner")
     right, _ = one([RED], ["a red square"], None)
     wrong, _ = one([BLUE], ["a red square"], None)
-    scored_pairs = []
-    real_score = alignment.get_bertscorer(default_bertscore_model(), 6, "cpu").score
-    monkeypatch.setattr(type(alignment.get_bertscorer(default_bertscore_model(), 6, "cpu")), "score",
-                        lambda self, cands, refs: scored_pairs.append(len(cands)) or real_score(cands, refs))
+    scorer, scored_pairs = get_bertscorer(default_bertscore_model(), 6, "cpu"), []
+    real_score = scorer.score
+    monkeypatch.setattr(scorer, "score", lambda cands, refs: scored_pairs.append(len(cands)) or real_score(cands, refs))
     four = build_reward("vlm_bertscore", captioner="test_rewards_alignment:CyclingCaptioner", num_captions=4)
     scores, info = four([RED, BLUE], ["a red square", "a red square"], None)
     # each image got 2 right and 2 wrong answers: the mean of the two scores, for both images

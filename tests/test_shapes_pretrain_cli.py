@@ -55,5 +55,5 @@ def test_rounded_squares_get_soft_labels_that_follow_their_fill_ratio():
     shape = _targets(scenes, p_square)[1]
     np.testing.assert_allclose(shape[rounded].sum(1).numpy(), 1.0, rtol=1e-6)
     np.testing.assert_allclose(shape[rounded][:, SHAPES.index("square")].numpy(), p_square[rounded], rtol=1e-5)
-    again, none = _with_rounded_squares(scenes, 0.0, np.random.default_rng(0))
+    _, none = _with_rounded_squares(scenes, 0.0, np.random.default_rng(0))
     assert np.isnan(none).all() and _targets(scenes)[1].ndim == 1  # off: exact renders, class indices
