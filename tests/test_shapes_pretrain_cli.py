@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,8 @@ def test_pretrain_stages_write_a_loadable_pipeline_and_captioner(tmp_path):
     assert main(args) == 0
     manifest = json.loads((out / "MANIFEST.json").read_text())
     assert manifest["pretrain_config"]["unet_steps"] == 2 and "pipeline/unet/config.json" in manifest["files"]
+    for shipped in (out, Path(__file__).parents[1] / "ddpo" / "shapes" / "pretrained"):  # no pretraining-machine paths
+        assert not [f for f in shipped.rglob("config.json") if "_name_or_path" in json.loads(f.read_text())]
     pipe = StableDiffusionPipeline.from_pretrained(pipeline_path(out))
     assert len(pipe.tokenizer) > 100 and pipe.vae.config.scaling_factor != 0.18215  # measured, not SD's
     assert pipe.unet.config.sample_size == 8 and pipe.vae_scale_factor == 8

@@ -325,5 +325,15 @@ def assemble(work_dir: Path, out_dir: Path, cfg: PretrainConfig, pipeline_name: 
             raise FileNotFoundError(f"{src} is missing: run the earlier pretraining stages first")
         shutil.rmtree(out_dir / name, ignore_errors=True)
         shutil.copytree(src, out_dir / name)
+    for config_file in out_dir.rglob("config.json"):
+        _drop_local_path(config_file)
     write_manifest(out_dir, pretrain_config=asdict(cfg))
     return out_dir
+
+
+def _drop_local_path(config_file: Path) -> None:
+    """Remove `_name_or_path` (the work-dir path diffusers records on save): it names the pretraining machine's
+    folders, not anything a user of the shipped weights has."""
+    config = json.loads(config_file.read_text())
+    if config.pop("_name_or_path", None) is not None:
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
