@@ -105,6 +105,14 @@ def ddim_step_with_logprob(scheduler, model_output: torch.Tensor, timestep: int 
                              dtype=prev_sample_mean.dtype)
         prev_sample = prev_sample_mean + std_dev_t * noise
     prev_sample = prev_sample.float()
-    log_prob = (-((prev_sample.detach() - prev_sample_mean) ** 2) / (2 * std_dev_t**2)
-                - torch.log(std_dev_t) - _LOG_SQRT_2PI)
-    return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+    return prev_sample, step_log_prob(prev_sample, prev_sample_mean, std_dev_t)
+
+
+def step_log_prob(prev_sample: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(prev_sample; mean, std^2) (B,), the MEAN over non-batch dimensions (see ddim_step_with_logprob).
+
+    prev_sample, mean: (B, C, h, w); std: (B, 1, 1, 1), as ddim_step_mean_std returns them. No gradient flows
+    into prev_sample (an action already taken).
+    """
+    log_prob = (-((prev_sample.detach().float() - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI)
+    return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ddpo.logprob import ddim_step_mean_std, ddim_step_with_logprob
+from ddpo.logprob import ddim_step_mean_std, step_log_prob
 from ddpo.losses import ddpo_is_loss, ddpo_sf_loss, gaussian_kl, rwr_loss, rwr_sparse_weights, rwr_weights
 from ddpo.rollout import Rollout, derive_seed
 from ddpo.sampler import predict_noise
@@ -31,15 +31,14 @@ def _ddpo_step_loss(unet, scheduler, rollout: Rollout, idx, t_idx, weights, conf
     timesteps = traj.timesteps[idx, t_idx]
     guidance = s.guidance_scale if t.cfg else 1.0
     noise_pred = predict_noise(unet, latents, timesteps, traj.prompt_embeds[idx], traj.negative_embeds[idx], guidance)
-    _, log_prob = ddim_step_with_logprob(scheduler, noise_pred, timesteps, latents, eta=s.eta,
-                                         prev_sample=next_latents)
+    mean, std = ddim_step_mean_std(scheduler, noise_pred, timesteps, latents, s.eta)  # eta > 0: config-checked
+    log_prob = step_log_prob(next_latents, mean, std)
     loss, stats = _DDPO_LOSSES[t.algorithm](log_prob, traj.log_probs[idx, t_idx], weights[idx],
                                             t.clip_range, t.adv_clip_max)
     kl_ref = None
     if t.kl_coef > 0:
         ref_pred = _reference_noise(unet, latents, timesteps, traj.prompt_embeds[idx], traj.negative_embeds[idx],
                                     guidance)
-        mean, std = ddim_step_mean_std(scheduler, noise_pred, timesteps, latents, s.eta)
         ref_mean, _ = ddim_step_mean_std(scheduler, ref_pred, timesteps, latents, s.eta)
         kl_ref = gaussian_kl(mean, ref_mean, std).mean()
         loss = loss + t.kl_coef * kl_ref
