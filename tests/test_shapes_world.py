@@ -40,6 +40,18 @@ def test_sampled_scenes_are_inside_the_image_and_skewed():
     assert 0.0005 < rare < 0.005  # 0.2% +- sampling noise, far under the 2% ceiling
 
 
+def test_common_square_weight_makes_orange_and_black_squares_that_much_commoner():
+    counts = {}
+    for weight in (1, 3):
+        scenes = sample_scenes(22_000, np.random.default_rng(0), rare_fraction=0.0, common_square_weight=weight)
+        counts[weight] = sum(s.shape == "square" for s in scenes) / len(scenes)
+        assert all(s.color in ("orange", "black") for s in scenes if s.shape == "square")
+    assert abs(counts[1] - 2 / 18) < 0.01 and abs(counts[3] - 6 / 22) < 0.01  # 11% -> 27% of the UNet's data
+    assert sample_scenes(5, np.random.default_rng(4), 0.25) == sample_scenes(5, np.random.default_rng(4), 0.25, 1)
+    with pytest.raises(ValueError, match="common_square_weight"):
+        sample_scenes(1, np.random.default_rng(0), 0.0, common_square_weight=0)
+
+
 def test_evaluator_is_right_on_every_rendered_image():
     rng = np.random.default_rng(1)
     for s in sample_scenes(600, rng, rare_fraction=0.25):

@@ -33,7 +33,9 @@ SHAPES: list[str] = ["circle", "square", "triangle"]
 # In pretraining a square is nearly always orange or black, as a bike is nearly always ridden by a person.
 # Why squares: a model of this size composes colour and shape it has seen apart, and a rare triangle or
 # circle is drawn right as soon as common pairs are (measured: rare triangles 88-100% right at 1,500 steps
-# with a mixed rare set); squares, the shape closest to another (a circle) at 8x8 latents, are not.
+# with a mixed rare set; rare circles and triangles 69-88% right at 1,000 steps); squares, the shape closest
+# to another (a circle) at 8x8 latents, are not. Pretraining shows orange and black squares often
+# (PretrainConfig.common_square_weight), so the model draws crisp squares, in the wrong colour for a rare pair.
 RARE_PAIRS: list[tuple[str, str]] = [
     ("red", "square"), ("yellow", "square"), ("green", "square"),
     ("blue", "square"), ("purple", "square"), ("white", "square"),
@@ -75,16 +77,22 @@ def is_rare(color: str, shape: str) -> bool:
     return (color, shape) in RARE_PAIRS
 
 
-def sample_scenes(n: int, rng: np.random.Generator, rare_fraction: float) -> list[Scene]:
+def sample_scenes(n: int, rng: np.random.Generator, rare_fraction: float,
+                  common_square_weight: int = 1) -> list[Scene]:
     """Draw `n` scenes from the skewed pretraining distribution.
 
     A scene is rare with probability `rare_fraction` (then its pair is uniform over RARE_PAIRS), otherwise
-    its pair is uniform over COMMON_PAIRS; the background is uniform over the other seven colours, and
-    the box size and position are uniform with the shape fully inside the image.
+    its pair is drawn from COMMON_PAIRS, each common square (orange, black) `common_square_weight` times as
+    often as any other common pair; the background is uniform over the other seven colours, and the box
+    size and position are uniform with the shape fully inside the image.
     """
+    if common_square_weight < 1:
+        raise ValueError(f"common_square_weight must be a whole number >= 1, got {common_square_weight}")
+    # Each common square listed `common_square_weight` times, then one uniform index: same draws as unweighted at 1.
+    common = [p for p in COMMON_PAIRS for _ in range(common_square_weight if p[1] == "square" else 1)]
     scenes = []
     for _ in range(n):
-        pairs = RARE_PAIRS if rng.random() < rare_fraction else COMMON_PAIRS
+        pairs = RARE_PAIRS if rng.random() < rare_fraction else common
         color, shape = pairs[rng.integers(len(pairs))]
         background = [c for c in COLORS if c != color][rng.integers(len(COLORS) - 1)]
         size = int(rng.integers(MIN_BOX, MAX_BOX + 1))
