@@ -6,6 +6,7 @@ raise `ConfigError` naming the key and the valid choices.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import types
@@ -151,35 +152,43 @@ def read_yaml(path_or_preset: str) -> dict[str, Any]:
     return data
 
 
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """`["train.learning_rate=1e-4", "seed=3"]` -> nested dict; values are parsed as YAML scalars or lists."""
-    nested: dict[str, Any] = {}
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+    """`["train.learning_rate=1e-4", "seed=3"]` -> [(["train", "learning_rate"], 1e-4), (["seed"], 3)]; values are
+    parsed as YAML scalars, lists or mappings."""
+    parsed = []
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.learning_rate=1e-4)")
-        node = nested
-        *parents, leaf = key.split(".")
-        for part in parents:
+        parsed.append((key.split("."), yaml.safe_load(raw) if raw != "" else ""))
+    return parsed
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A copy of `data` with each `a.b.c=value` set in turn. A dotted key sets one entry and keeps its siblings
+    (`reward.kwargs.num_captions=4` keeps the preset's captioner); a mapping value replaces the whole entry
+    (`reward.kwargs={}` clears it). An override that changes `reward.name` also drops the preset's `reward.kwargs`,
+    which were written for the other reward."""
+    parsed = parse_overrides(overrides)
+    data = copy.deepcopy(data)
+    reward = data.get("reward")
+    new_names = [value for path, value in parsed if path == ["reward", "name"]]
+    if isinstance(reward, dict) and new_names and new_names[-1] != reward.get("name"):
+        reward.pop("kwargs", None)
+    for path, value in parsed:
+        node = data
+        for depth, part in enumerate(path[:-1]):
+            if not isinstance(node.get(part, {}), dict):
+                raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[:depth + 1])} is not a section")
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
-    return nested
-
-
-def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "kwargs":
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+        node[path[-1]] = value
+    return data
 
 
 def load_config(path_or_preset: str | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- preset or YAML file <- command-line overrides, then validated."""
     data = read_yaml(path_or_preset or DEFAULT_PRESET)
-    data = merge(data, parse_overrides(overrides or []))
+    data = apply_overrides(data, overrides or [])
     config = from_dict(Config, data, where="")
     validate(config)
     return config

@@ -69,7 +69,7 @@ def _resume_config(resume: str, config_arg: str | None, overrides: list[str]):
 
     import yaml
 
-    from ddpo.config import Config, ConfigError, from_dict, merge, parse_overrides, validate
+    from ddpo.config import Config, ConfigError, apply_overrides, from_dict, validate
 
     if config_arg:
         raise ConfigError("--resume takes the config saved in the run; pass only section.key=value overrides")
@@ -77,6 +77,6 @@ def _resume_config(resume: str, config_arg: str | None, overrides: list[str]):
     saved = path / "config.yaml" if (path / "config.yaml").is_file() else path.parent.parent / "config.yaml"
     if not saved.is_file():
         raise FileNotFoundError(f"{resume} has no config.yaml: pass a run folder (runs/NAME) written by `ddpo train`")
-    config = from_dict(Config, merge(yaml.safe_load(saved.read_text()), parse_overrides(overrides)), where="")
+    config = from_dict(Config, apply_overrides(yaml.safe_load(saved.read_text()), overrides), where="")
     validate(config)
     return config

@@ -18,6 +18,19 @@ def test_every_preset_loads_and_validates():
         load_config(name)
 
 
+def test_reward_kwargs_overrides_merge_into_the_presets_unless_the_reward_changes():
+    config = load_config("shapes_alignment", ["reward.kwargs.num_captions=4", "reward.kwargs.captioner_kwargs.do_sample=true"])
+    assert config.reward.kwargs == {"captioner": "shapes", "metric": "recall", "num_captions": 4,
+                                    "captioner_kwargs": {"do_sample": True}}
+    assert load_config("shapes_alignment", ["reward.name=jpeg_compressibility"]).reward.kwargs == {}
+    other = load_config("shapes_alignment", ["reward.name=aesthetic", "reward.kwargs.model=/local/laion"])
+    assert other.reward.kwargs == {"model": "/local/laion"}
+    assert load_config("shapes_alignment", ["reward.name=vlm_bertscore"]).reward.kwargs["captioner"] == "shapes"
+    assert load_config("shapes_alignment", ["reward.kwargs={}"]).reward.kwargs == {}  # a mapping replaces
+    with pytest.raises(ConfigError, match="override seed.x: seed is not a section"):
+        load_config("shapes_alignment", ["seed.x=1"])
+
+
 def test_int_is_accepted_for_float_but_not_the_reverse():
     assert load_config("tiny_cpu", ["train.learning_rate=1"]).train.learning_rate == 1.0
     with pytest.raises(ConfigError, match=r"train.num_epochs must be of type int, got 1.5"):
