@@ -165,10 +165,10 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """A copy of `data` with each `a.b.c=value` set in turn. A dotted key sets one entry and keeps its siblings
-    (`reward.kwargs.num_captions=4` keeps the preset's captioner); a mapping value replaces the whole entry
-    (`reward.kwargs={}` clears it). An override that changes `reward.name` also drops the preset's `reward.kwargs`,
-    which were written for the other reward."""
+    """A copy of `data` with each `a.b.c=value` merged in, in turn: a dotted key sets one entry and keeps its
+    siblings, and a mapping value merges into the mapping there, so `reward.kwargs.num_captions=4` and
+    `reward.kwargs={num_captions: 4}` both keep the preset's captioner. An override that changes `reward.name`
+    starts `reward.kwargs` afresh: the preset's were written for the other reward."""
     parsed = parse_overrides(overrides)
     data = copy.deepcopy(data)
     reward = data.get("reward")
@@ -181,8 +181,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(node.get(part, {}), dict):
                 raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[:depth + 1])} is not a section")
             node = node.setdefault(part, {})
-        node[path[-1]] = value
+        node[path[-1]] = _merged(node.get(path[-1]), value)
     return data
+
+
+def _merged(old: Any, new: Any) -> Any:
+    """`new` merged into `old` key by key where both are mappings; otherwise `new`."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return new
+    return {**old, **{key: _merged(old.get(key), value) for key, value in new.items()}}
 
 
 def load_config(path_or_preset: str | None = None, overrides: list[str] | None = None) -> Config:

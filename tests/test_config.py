@@ -26,7 +26,9 @@ def test_reward_kwargs_overrides_merge_into_the_presets_unless_the_reward_change
     other = load_config("shapes_alignment", ["reward.name=aesthetic", "reward.kwargs.model=/local/laion"])
     assert other.reward.kwargs == {"model": "/local/laion"}
     assert load_config("shapes_alignment", ["reward.name=vlm_bertscore"]).reward.kwargs["captioner"] == "shapes"
-    assert load_config("shapes_alignment", ["reward.kwargs={}"]).reward.kwargs == {}  # a mapping replaces
+    as_mapping = load_config("shapes_alignment", ["reward.kwargs={num_captions: 4, captioner_kwargs: {do_sample: true}}"])
+    assert as_mapping.reward.kwargs == config.reward.kwargs  # a mapping merges too
+    assert load_config("shapes_alignment", ["sample={guidance_scale: 3}"]).sample.num_steps == 10  # the preset's
     with pytest.raises(ConfigError, match="override seed.x: seed is not a section"):
         load_config("shapes_alignment", ["seed.x=1"])
 
