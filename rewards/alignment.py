@@ -52,11 +52,18 @@ class VLMBertScoreReward:
     def __init__(self, captioner: str = "llava", captioner_kwargs: dict | None = None,
                  question: str = "What is happening in this image?", reference_template: str = "{prompt}",
                  bertscore_model: str | None = None, num_layers: int | None = None, metric: str = "recall",
-                 caption_retries: int = 2, num_captions: int = 1, device: str = "cpu", batch_size: int = 64):
+                 caption_retries: int = 2, num_captions: int = 1, expected: bool = False,
+                 device: str = "cpu", batch_size: int = 64):
+        """`expected`: score the BERTScore expected under the captioner's answer distribution, exactly, instead of
+        one answer (captioners with a `caption_distribution` method, e.g. "shapes"). An image the captioner reads
+        back with P = 0.6 scores below one it reads back with P = 0.95, where a greedy answer gives both full marks;
+        `num_captions` sampled answers estimate the same expectation, with sampling noise."""
         if metric not in METRICS:
             raise ValueError(f"vlm_bertscore metric={metric!r}; choose one of {METRICS} (the paper used recall)")
         if num_captions < 1:
             raise ValueError(f"vlm_bertscore num_captions={num_captions}: must be >= 1")
+        if expected and num_captions != 1:
+            raise ValueError("vlm_bertscore: expected=true computes the expectation exactly; leave num_captions at 1")
         if bertscore_model is None and num_layers not in (None, 6):
             raise ValueError("the default BERTScore model all-MiniLM-L6-v2 has 6 layers; leave num_layers unset")
         # None: 6 for the default MiniLM, else bert_score's own table (40 for microsoft/deberta-xlarge-mnli);
@@ -66,7 +73,7 @@ class VLMBertScoreReward:
         self.question, self.reference_template, self.metric = question, reference_template, metric
         self.bertscore_model, self.num_layers = bertscore_model, num_layers
         self.caption_retries, self.device, self.batch_size = caption_retries, device, batch_size
-        self.num_captions = num_captions
+        self.num_captions, self.expected = num_captions, expected
         self._captioner = None
 
     @property
@@ -74,6 +81,10 @@ class VLMBertScoreReward:
         if self._captioner is None:
             self._captioner = build_captioner(self.captioner_name, default_device=self.device,
                                               **self.captioner_kwargs)
+            if self.expected and not callable(getattr(self._captioner, "caption_distribution", None)):
+                raise ValueError(f"vlm_bertscore expected=true needs a captioner with a caption_distribution("
+                                 f"images, question) method, which {self.captioner_name!r} has not; set "
+                                 "expected=false, or num_captions=N with do_sample for a sampled estimate")
         return self._captioner
 
     def reference(self, prompt: str, metadata: dict) -> str:
@@ -110,24 +121,31 @@ class VLMBertScoreReward:
         hook = getattr(self.captioner, "unscorable_reason", None)
         unscorable = [hook(p) if hook else None for p in prompts]
         todo = [i for i, reason in enumerate(unscorable) if not reason]
-        asked = [i for i in todo for _ in range(k)]  # each image k times, its copies side by side
-        answers = self._captions([pil[i] for i in asked], [prompts[i] for i in asked])
-        captions = {i: answers[j * k:(j + 1) * k] for j, i in enumerate(todo)}
+        if self.expected:  # image i -> [(caption, probability), ...]
+            weighted = dict(zip(todo, self.captioner.caption_distribution([pil[i] for i in todo], self.question)))
+        else:  # image i -> its k answers, equally weighted
+            asked = [i for i in todo for _ in range(k)]  # each image k times, its copies side by side
+            answers = self._captions([pil[i] for i in asked], [prompts[i] for i in asked])
+            weighted = {i: [(c, 1 / k) for c in answers[j * k:(j + 1) * k]] for j, i in enumerate(todo)}
+        captions = {i: [c for c, _ in weighted[i]] for i in todo}
         references = [self.reference(p, m) for p, m in zip(prompts, metadata)]
         pairs = sorted({(c, references[i]) for i in todo for c in captions[i] if c.strip()})
         scored = self._bertscore(pairs)
         prf = np.zeros((3, len(pil)), dtype=np.float32)  # rows: precision, recall, f1; an empty caption scores 0
         for i in todo:
-            prf[:, i] = np.mean([scored.get((c, references[i]), (0.0, 0.0, 0.0)) for c in captions[i]], axis=0)
+            prf[:, i] = np.sum([np.multiply(w, scored.get((c, references[i]), (0.0, 0.0, 0.0)))
+                                for c, w in weighted[i]], axis=0)
         prf[:, [i for i, reason in enumerate(unscorable) if reason]] = np.nan
         scores = prf[METRICS.index(self.metric)].copy()
-        info = {"captions": [captions[i][0] if i in captions else "" for i in range(len(pil))],
+        # the first answer, or with expected=true the most probable one
+        info = {"captions": [max(weighted[i], key=lambda cw: cw[1])[0] if i in weighted else ""
+                             for i in range(len(pil))],
                 "references": references,
                 "bertscore_precision": prf[0].tolist(), "bertscore_recall": prf[1].tolist(),
                 "bertscore_f1": prf[2].tolist(),
                 "caption_failed": [i in captions and not any(c.strip() for c in captions[i]) for i in range(len(pil))],
                 "unscorable": unscorable}
-        if k > 1:
+        if k > 1 or self.expected:
             info["all_captions"] = [captions.get(i, []) for i in range(len(pil))]
         return scores, info
 

@@ -238,3 +238,25 @@ def test_num_captions_averages_the_score_over_several_answers(monkeypatch):
     assert scored_pairs == [2]  # 8 answers, 2 distinct (caption, reference) pairs: each scored once
     with pytest.raises(ValueError, match="num_captions=0"):
         build_reward("vlm_bertscore", captioner="shapes", num_captions=0)
+
+
+class DistributionCaptioner(FakeCaptioner):
+    """Reads a red image as "a red square" with probability 0.75 and "a blue square" with 0.25."""
+
+    def caption_distribution(self, images, question):
+        return [[("a red square", 0.75), ("a blue square", 0.25)] for _ in images]
+
+
+def test_expected_score_weights_each_caption_by_its_probability():
+    one = build_reward("vlm_bertscore", captioner="test_rewards_alignment:FakeCaptioner")
+    right, _ = one([RED], ["a red square"], None)
+    wrong, _ = one([BLUE], ["a red square"], None)
+    expected = build_reward("vlm_bertscore", captioner="test_rewards_alignment:DistributionCaptioner", expected=True)
+    scores, info = expected([RED, RED], ["a red square", "a unicorn"], None)
+    np.testing.assert_allclose(scores[0], 0.75 * right[0] + 0.25 * wrong[0], rtol=1e-5)
+    assert np.isnan(scores[1]) and info["captions"][0] == "a red square"
+    assert info["all_captions"][0] == ["a red square", "a blue square"]
+    with pytest.raises(ValueError, match="caption_distribution"):
+        build_reward("vlm_bertscore", captioner="test_rewards_alignment:FakeCaptioner", expected=True)([RED], ["a"], None)
+    with pytest.raises(ValueError, match="num_captions"):
+        build_reward("vlm_bertscore", captioner="shapes", expected=True, num_captions=4)

@@ -105,6 +105,11 @@ def test_vlm_bertscore_with_the_shapes_captioner_scores_right_above_wrong():
     scores, info = reward([image] * 3, prompts, [{}] * 3)
     assert scores[0] > scores[1] and np.isnan(scores[2])
     assert info["captions"][0] == prompts[0] and info["unscorable"][2]
+    # expected=true: the same ranking; the captioner is 85% sure of this red (14% purple), so it scores a little
+    # below the greedy answer's full marks
+    expected, info = build_reward("vlm_bertscore", captioner="shapes", expected=True)([image] * 3, prompts, [{}] * 3)
+    assert expected[0] > expected[1] and np.isnan(expected[2]) and info["captions"][0] == prompts[0]
+    assert 0.9 < expected[0] < scores[0]
 
 
 def test_captioner_round_trip(tmp_path, captioner):
@@ -143,3 +148,9 @@ def test_sampling_captioner_draws_words_with_the_networks_probabilities(captione
     assert captioner.predict(copies[:3]) == [captioner.predict(x)[0]] * 3  # argmax is deterministic
     with pytest.raises(ValueError, match="temperature"):
         ShapesCaptioner(do_sample=True, temperature=0)
+    # the distribution do_sample draws from, enumerated: the shape's marginal is the network's P(square)
+    from PIL import Image
+
+    (distribution,) = captioner.caption_distribution([Image.fromarray(image)])
+    assert abs(sum(p for _, p in distribution) - 1) < 1e-5
+    assert abs(sum(p for c, p in distribution if " square " in c) - p_square) < 0.02  # captions < 1e-3 dropped

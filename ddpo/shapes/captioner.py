@@ -152,6 +152,31 @@ class ShapesCaptioner:
             generators.append(torch.Generator().manual_seed(int.from_bytes(key[:8], "little")))
         return generators
 
+    @torch.no_grad()
+    def caption_distribution(self, images: list, question: str = "",
+                             min_prob: float = 1e-3) -> list[list[tuple[str, float]]]:
+        """RGB PIL images -> per image, the captions the network would give with their probabilities.
+
+        P(color, shape, background) = P(color) P(shape) P(background | background != color), each from the
+        network's softmax at `temperature`: the distribution `do_sample` draws from. Captions under `min_prob` are
+        dropped and the rest renormalised (the dropped mass is about 1e-3 x 168 captions at most).
+        """
+        out = []
+        x_all = pil_to_tensor(images) if images else torch.zeros(0, 3, IMAGE_SIZE, IMAGE_SIZE)
+        for start in range(0, len(x_all), self.batch_size):
+            x = images_to_input(x_all[start:start + self.batch_size].to(self.device))
+            color, shape, background = ((l.float().cpu() / self.temperature) for l in self.net(x))
+            p_color, p_shape = color.softmax(1), shape.softmax(1)
+            eye = torch.eye(len(COLORS), dtype=torch.bool)
+            # (B, color, background): the background softmax with the shape's own colour masked out
+            p_background = background[:, None, :].masked_fill(eye, float("-inf")).softmax(-1)
+            joint = p_color[:, :, None, None] * p_shape[:, None, :, None] * p_background[:, :, None, :]
+            for probs in joint:  # (color, shape, background)
+                keep, total = (probs >= min_prob).nonzero().tolist(), float(probs[probs >= min_prob].sum())
+                out.append([(caption(COLORS[i], SHAPES[j], COLORS[k]), float(probs[i, j, k]) / total)
+                            for i, j, k in keep])
+        return out
+
     def caption(self, images: list, question: str = "") -> list[str]:
         """RGB PIL images -> captions in the world's phrasing. The question is ignored: there is one thing to say."""
         return [caption(*p) for p in self.predict(pil_to_tensor(images))] if images else []
