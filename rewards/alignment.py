@@ -63,7 +63,9 @@ class VLMBertScoreReward:
         if num_captions < 1:
             raise ValueError(f"vlm_bertscore num_captions={num_captions}: must be >= 1")
         if expected and num_captions != 1:
-            raise ValueError("vlm_bertscore: expected=true computes the expectation exactly; leave num_captions at 1")
+            raise ValueError(f"vlm_bertscore: expected=true computes the expected score exactly, so num_captions="
+                             f"{num_captions} has nothing to average; leave num_captions at 1, or set expected=false "
+                             "to average sampled captions")
         if bertscore_model is None and num_layers not in (None, 6):
             raise ValueError("the default BERTScore model all-MiniLM-L6-v2 has 6 layers; leave num_layers unset")
         # None: 6 for the default MiniLM, else bert_score's own table (40 for microsoft/deberta-xlarge-mnli);
@@ -74,6 +76,14 @@ class VLMBertScoreReward:
         self.bertscore_model, self.num_layers = bertscore_model, num_layers
         self.caption_retries, self.device, self.batch_size = caption_retries, device, batch_size
         self.num_captions, self.expected = num_captions, expected
+        if expected:  # checked on the class, before any model loads
+            from rewards import import_object
+            from rewards.captioners import BACKENDS
+
+            if not callable(getattr(import_object(BACKENDS.get(captioner, captioner)), "caption_distribution", None)):
+                raise ValueError(f"vlm_bertscore expected=true needs a captioner with a caption_distribution("
+                                 f"images, question) method, which {captioner!r} has not; set expected=false "
+                                 "(or num_captions=N with a sampling captioner for an estimate)")
         self._captioner = None
 
     @property
@@ -81,10 +91,6 @@ class VLMBertScoreReward:
         if self._captioner is None:
             self._captioner = build_captioner(self.captioner_name, default_device=self.device,
                                               **self.captioner_kwargs)
-            if self.expected and not callable(getattr(self._captioner, "caption_distribution", None)):
-                raise ValueError(f"vlm_bertscore expected=true needs a captioner with a caption_distribution("
-                                 f"images, question) method, which {self.captioner_name!r} has not; set "
-                                 "expected=false, or num_captions=N with do_sample for a sampled estimate")
         return self._captioner
 
     def reference(self, prompt: str, metadata: dict) -> str:

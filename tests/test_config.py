@@ -19,14 +19,16 @@ def test_every_preset_loads_and_validates():
 
 
 def test_reward_kwargs_overrides_merge_into_the_presets_unless_the_reward_changes():
-    config = load_config("shapes_alignment", ["reward.kwargs.num_captions=4", "reward.kwargs.captioner_kwargs.do_sample=true"])
-    assert config.reward.kwargs == {"captioner": "shapes", "metric": "recall", "num_captions": 4,
+    config = load_config("shapes_alignment", ["reward.kwargs.expected=false", "reward.kwargs.num_captions=4",
+                                              "reward.kwargs.captioner_kwargs.do_sample=true"])
+    assert config.reward.kwargs == {"captioner": "shapes", "metric": "recall", "expected": False, "num_captions": 4,
                                     "captioner_kwargs": {"do_sample": True}}
     assert load_config("shapes_alignment", ["reward.name=jpeg_compressibility"]).reward.kwargs == {}
     other = load_config("shapes_alignment", ["reward.name=aesthetic", "reward.kwargs.model=/local/laion"])
     assert other.reward.kwargs == {"model": "/local/laion"}
     assert load_config("shapes_alignment", ["reward.name=vlm_bertscore"]).reward.kwargs["captioner"] == "shapes"
-    as_mapping = load_config("shapes_alignment", ["reward.kwargs={num_captions: 4, captioner_kwargs: {do_sample: true}}"])
+    as_mapping = load_config("shapes_alignment",
+                             ["reward.kwargs={expected: false, num_captions: 4, captioner_kwargs: {do_sample: true}}"])
     assert as_mapping.reward.kwargs == config.reward.kwargs  # a mapping merges too
     assert load_config("shapes_alignment", ["sample={guidance_scale: 3}"]).sample.num_steps == 10  # the preset's
     with pytest.raises(ConfigError, match="override seed.x: seed is not a section"):

@@ -256,7 +256,9 @@ def test_expected_score_weights_each_caption_by_its_probability():
     np.testing.assert_allclose(scores[0], 0.75 * right[0] + 0.25 * wrong[0], rtol=1e-5)
     assert np.isnan(scores[1]) and info["captions"][0] == "a red square"
     assert info["all_captions"][0] == ["a red square", "a blue square"]
-    with pytest.raises(ValueError, match="caption_distribution"):
-        build_reward("vlm_bertscore", captioner="test_rewards_alignment:FakeCaptioner", expected=True)([RED], ["a"], None)
+    with pytest.raises(ValueError, match="caption_distribution"):  # refused at construction, before any model loads
+        build_reward("vlm_bertscore", captioner="test_rewards_alignment:FakeCaptioner", expected=True)
+    with pytest.raises(ValueError, match="'llava' has not"):
+        build_reward("vlm_bertscore", captioner="llava", expected=True)
     with pytest.raises(ValueError, match="num_captions"):
         build_reward("vlm_bertscore", captioner="shapes", expected=True, num_captions=4)
