@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from rewards.captioners import build_captioner
+from rewards.captioners import build_captioner, captioner_class
 from rewards.images import to_pil
 
 logger = logging.getLogger(__name__)
@@ -76,14 +76,11 @@ class VLMBertScoreReward:
         self.bertscore_model, self.num_layers = bertscore_model, num_layers
         self.caption_retries, self.device, self.batch_size = caption_retries, device, batch_size
         self.num_captions, self.expected = num_captions, expected
-        if expected:  # checked on the class, before any model loads
-            from rewards import import_object
-            from rewards.captioners import BACKENDS
-
-            if not callable(getattr(import_object(BACKENDS.get(captioner, captioner)), "caption_distribution", None)):
-                raise ValueError(f"vlm_bertscore expected=true needs a captioner with a caption_distribution("
-                                 f"images, question) method, which {captioner!r} has not; set expected=false "
-                                 "(or num_captions=N with a sampling captioner for an estimate)")
+        # checked on the class, before any model loads
+        if expected and not callable(getattr(captioner_class(captioner), "caption_distribution", None)):
+            raise ValueError(f"vlm_bertscore expected=true needs a captioner with a caption_distribution("
+                             f"images, question) method, which {captioner!r} has not; set expected=false "
+                             "(or num_captions=N with a sampling captioner for an estimate)")
         self._captioner = None
 
     @property

@@ -34,18 +34,23 @@ class Captioner(Protocol):
         ...
 
 
+def captioner_class(backend: str) -> type:
+    """A backend name or "package.module:Class" -> the class, imported but not built (no model loads)."""
+    from rewards import import_object
+
+    if backend not in BACKENDS and ":" not in backend:
+        raise ValueError(f"unknown captioner backend {backend!r}; valid: {', '.join(BACKENDS)}, "
+                         "or 'package.module:Class' for your own")
+    return import_object(BACKENDS.get(backend, backend))
+
+
 def build_captioner(backend: str, *, default_device: str = "cpu", **kwargs: Any) -> Captioner:
     """A backend name or "package.module:Class" -> captioner instance, built with kwargs.
 
     kwargs["device"] defaults to `default_device` (the reward's device) for classes whose __init__ takes a
     `device` argument (or **kwargs).
     """
-    from rewards import import_object
-
-    if backend not in BACKENDS and ":" not in backend:
-        raise ValueError(f"unknown captioner backend {backend!r}; valid: {', '.join(BACKENDS)}, "
-                         "or 'package.module:Class' for your own")
-    cls = import_object(BACKENDS.get(backend, backend))
+    cls = captioner_class(backend)
     parameters = inspect.signature(cls).parameters.values()
     if any(p.name == "device" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         kwargs.setdefault("device", default_device)

@@ -161,8 +161,9 @@ class ShapesCaptioner:
         network's softmax at `temperature`: the distribution `do_sample` draws from. Captions under `min_prob` are
         dropped and the rest renormalised (the dropped mass is about 1e-3 x 168 captions at most).
         """
-        out = []
-        x_all = pil_to_tensor(images) if images else torch.zeros(0, 3, IMAGE_SIZE, IMAGE_SIZE)
+        if not images:
+            return []
+        out, x_all = [], pil_to_tensor(images)
         for start in range(0, len(x_all), self.batch_size):
             x = images_to_input(x_all[start:start + self.batch_size].to(self.device))
             color, shape, background = ((l.float().cpu() / self.temperature) for l in self.net(x))
