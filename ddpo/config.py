@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
+import math
 import re
 import types
 import typing
@@ -21,6 +23,14 @@ import yaml
 ALGORITHMS = ("ddpo_is", "ddpo_sf", "rwr", "rwr_sparse")
 DEFAULT_PRESET = "shapes_alignment"
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+# A run folder's name, as the app checks it: no path separator, no "..", no absolute path, so a run always lands
+# inside logging.output_dir. Use RUN_NAME.fullmatch (re's `$` would accept a trailing newline).
+RUN_NAME = re.compile(r"[A-Za-z0-9][\w.-]{0,79}")
+RUN_NAME_RULE = "use letters, digits, '.', '_' and '-' (at most 80), starting with a letter or digit"
+SEED_MAX = 2**32 - 1  # numpy and torch seeds must fit in 32 unsigned bits
+# YAML 1.1 reads these words as booleans; a Literal that lists one of them gets it back.
+_YAML_BOOL_WORDS = {False: ("no", "off", "false", "n"), True: ("yes", "on", "true", "y")}
+_PLAIN = (str, int, float, bool, type(None))
 
 
 class ConfigError(ValueError):
@@ -139,17 +149,38 @@ def read_yaml(path_or_preset: str) -> dict[str, Any]:
     """Read a YAML file, or a preset shipped in `configs/` by name (with or without `.yaml`)."""
     path = Path(path_or_preset)
     if path.is_file():
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path_or_preset}: cannot read the config file ({err}); a config is a UTF-8 YAML "
+                              "text file") from None
     else:
         name = path_or_preset.removesuffix(".yaml")
         preset = resources.files("configs") / f"{name}.yaml"
         if not preset.is_file():
             raise ConfigError(f"no config file or preset named {path_or_preset!r}; presets: {', '.join(list_presets())}")
         text = preset.read_text()
-    data = yaml.safe_load(text) or {}
+    data = parse_yaml(text, str(path_or_preset)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path_or_preset}: a config file must be a YAML mapping of sections, got {type(data).__name__}")
     return data
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """`yaml.safe_load(text)`, with a syntax error (or a control character) as a ConfigError giving the line and
+    column in `where` (a file name or an override)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        problem = getattr(err, "problem", None)
+        if mark is None and isinstance(err, yaml.reader.ReaderError):  # a non-printable character
+            line, column = text.count("\n", 0, err.position) + 1, err.position - text.rfind("\n", 0, err.position)
+            code = err.character if isinstance(err.character, int) else ord(err.character)
+            raise ConfigError(f"{where}: line {line}, column {column}: not YAML text (character U+{code:04X}); "
+                              "a config is a UTF-8 YAML text file") from None
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ConfigError(f"{where}: {at}not valid YAML: {problem or err}") from None
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
@@ -160,7 +191,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.learning_rate=1e-4)")
-        parsed.append((key.split("."), yaml.safe_load(raw) if raw != "" else ""))
+        parsed.append((key.split("."), parse_yaml(raw, f"override {item!r}") if raw != "" else ""))
     return parsed
 
 
@@ -224,6 +255,8 @@ def from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
 def _check_type(key: str, value: Any, hint: Any) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads `no`, `off`, `yes`, `on` as booleans
+            value = next((word for word in _YAML_BOOL_WORDS[value] if word in args), value)
         if value not in args:
             raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, args))}")
         return value
@@ -239,14 +272,36 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        _check_plain(key, value)
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if hint is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-        return float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
+        value = float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
+    if hint is float and isinstance(value, float):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value} must be a finite number")
+        return value
     if hint is Any or (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         return value
     raise ConfigError(f"{key} must be of type {hint.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _check_plain(key: str, value: Any) -> None:
+    """Mappings such as reward.kwargs hold plain data only (text, numbers, booleans, null, lists, mappings with
+    text keys): what the config file, `config.yaml` of a run and the reward server all carry the same way."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            if not isinstance(name, str):
+                raise ConfigError(f"{key} has the key {name!r} ({type(name).__name__}); keys must be text")
+            _check_plain(f"{key}.{name}", item)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_plain(f"{key}[{i}]", item)
+    elif not isinstance(value, _PLAIN):
+        hint = " (YAML reads an unquoted date as a date: quote it)" if isinstance(value, datetime.date) else ""
+        raise ConfigError(f"{key}={value!r} is a {type(value).__name__}{hint}; it must be plain data: text, a number, "
+                          "true/false, null, a list or a mapping")
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -301,6 +356,16 @@ def validate(c: Config) -> None:
     _require(t.rwr_temperature > 0, f"train.rwr_temperature={t.rwr_temperature} must be > 0")
     _require(0 <= t.rwr_sparse_quantile < 1, f"train.rwr_sparse_quantile={t.rwr_sparse_quantile} must be in [0, 1)")
     _require(t.stat_min_count >= 1, f"train.stat_min_count={t.stat_min_count} must be >= 1")
+    if t.per_prompt_stat_tracking:  # a buffer that never holds stat_min_count rewards would batch-normalise silently
+        _require(t.stat_buffer_size >= t.stat_min_count,
+                 f"train.stat_buffer_size={t.stat_buffer_size} is smaller than train.stat_min_count={t.stat_min_count}: "
+                 "no prompt could ever have its own statistics. Set stat_buffer_size >= stat_min_count, or "
+                 "train.per_prompt_stat_tracking=false to normalise by the batch")
+    for key, seed in [("seed", c.seed), ("prompts.eval_seed", p.eval_seed)]:
+        _require(0 <= seed <= SEED_MAX, f"{key}={seed} must be in [0, {SEED_MAX}]")
+    _require(lg.run_name == "" or RUN_NAME.fullmatch(lg.run_name) is not None,
+             f"logging.run_name={lg.run_name!r}: {RUN_NAME_RULE}; the run folder is logging.output_dir/run_name "
+             "(set logging.output_dir to choose where)")
     _require(c.model.lora_rank >= 1, f"model.lora_rank={c.model.lora_rank} must be >= 1")
     _require(p.eval_every >= 0, f"prompts.eval_every={p.eval_every} must be >= 0 (0 turns evaluation off)")
     _require(bool(c.model.pretrained), "model.pretrained is empty; give a diffusers folder, a hub id, or 'shapes'")
@@ -313,6 +378,10 @@ def save_config(config: Config, path: Path) -> None:
 
 def config_from_file(path: Path) -> Config:
     """Load a resolved config written by `save_config` (a run folder's or a checkpoint's)."""
-    config = from_dict(Config, yaml.safe_load(path.read_text()) or {}, where="")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err})") from None
+    config = from_dict(Config, parse_yaml(text, str(path)) or {}, where="")
     validate(config)
     return config
