@@ -77,3 +77,70 @@ def test_cli_reports_config_errors_without_a_traceback(capsys):
     assert main(["train", "tiny_cpu", "train.algorithm=ppo"]) == 2
     err = capsys.readouterr().err
     assert "choose one of: ddpo_is" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("override,message", [
+    (["logging.run_name=../x"], r"logging.run_name='../x': use letters, digits"),
+    (["logging.run_name=/tmp/x"], r"logging.run_name='/tmp/x': use letters"),
+    (["logging.run_name=a/b"], r"logging.run_name='a/b'"),
+    (["logging.run_name=.hidden"], r"starting with a letter or digit"),
+    (['logging.run_name="x\\n"'], r"logging.run_name='x\\n'"),  # re's `$` would accept the newline
+    (["seed=-1"], r"seed=-1 must be in \[0, 4294967295\]"),
+    (["seed=4294967296"], r"seed=4294967296 must be in"),
+    (["prompts.eval_seed=-3"], r"prompts.eval_seed=-3 must be in"),
+    (["train.stat_buffer_size=2", "train.stat_min_count=4"],
+     r"train.stat_buffer_size=2 is smaller than train.stat_min_count=4.*per_prompt_stat_tracking=false"),
+    (["train.learning_rate=.inf"], r"train.learning_rate=inf must be a finite number"),
+    (["train.learning_rate=1e999"], r"train.learning_rate=inf must be a finite number"),
+    (["sample.eta=.nan"], r"sample.eta=nan must be a finite number"),
+    (["train.max_grad_norm=-.inf"], r"train.max_grad_norm=-inf must be a finite number"),
+    (["reward.kwargs.day=2024-01-01"], r"reward.kwargs.day=datetime.date\(2024, 1, 1\) is a date .*quote it"),
+    (["reward.kwargs={a: {b: [1, 2024-01-01 10:00:00]}}"], r"reward.kwargs.a.b\[1\]=.* is a datetime"),
+    (["reward.kwargs={1: 2}"], r"reward.kwargs has the key 1 \(int\); keys must be text"),
+    (["seed=[1,"], r"override 'seed=\[1,': line 1, column 4: not valid YAML"),
+])
+def test_bad_input_values_are_refused_with_a_message(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny_cpu", override)
+
+
+def test_good_run_names_seeds_and_plain_kwargs_pass():
+    config = load_config("tiny_cpu", ["logging.run_name=ok-1.2_x", "seed=4294967295", "train.stat_buffer_size=2",
+                                      "train.stat_min_count=4", "train.per_prompt_stat_tracking=false",
+                                      "reward.kwargs={a: [1, 2.5, x, null, true], b: {c: '2024-01-01'}}"])
+    assert config.logging.run_name == "ok-1.2_x" and config.seed == 2**32 - 1
+    assert config.reward.kwargs == {"a": [1, 2.5, "x", None, True], "b": {"c": "2024-01-01"}}
+
+
+def test_yaml_booleans_are_read_back_as_the_words_a_choice_lists(tmp_path):
+    path = tmp_path / "mp.yaml"
+    path.write_text("model:\n  mixed_precision: no\n")  # YAML 1.1 reads `no` as False
+    assert load_config(str(path)).model.mixed_precision == "no"
+    assert load_config("tiny_cpu", ["model.mixed_precision=off"]).model.mixed_precision == "no"
+    with pytest.raises(ConfigError, match=r"model.mixed_precision=True is not valid; choose one of: no, fp16, bf16"):
+        load_config("tiny_cpu", ["model.mixed_precision=yes"])  # no "yes" among the choices
+
+
+def test_malformed_binary_and_control_character_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: [1, 2\ntrain: {}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: line 2, column 6: not valid YAML: expected ',' or ']'"):
+        load_config(str(bad))
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match=r"bin.yaml: cannot read the config file .*UTF-8 YAML text file"):
+        load_config(str(binary))
+    control = tmp_path / "ctl.yaml"
+    control.write_bytes(b"seed: 1\n\x01\n")
+    with pytest.raises(ConfigError, match=r"ctl.yaml: line 2, column 1: not YAML text \(character U\+0001\)"):
+        load_config(str(control))
+
+
+def test_cli_reports_malformed_yaml_without_a_traceback(tmp_path, capsys):
+    from ddpo.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {learning_rate: 1e-4\n")
+    assert main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "line 2, column 1: not valid YAML" in err and "Traceback" not in err
