@@ -92,6 +92,9 @@ class TrainConfig:
     per_prompt_stat_tracking: bool = True
     stat_buffer_size: int = 16
     stat_min_count: int = 16
+    # A step whose loss or gradient is NaN/inf: "error" stops the run (nothing is saved), "skip" leaves the weights
+    # untouched and counts it as nonfinite_steps in metrics.jsonl.
+    on_nonfinite: Literal["error", "skip"] = "error"
 
 
 @dataclass
@@ -110,6 +113,9 @@ class RewardConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     executor: Literal["process", "thread", "inline"] = "process"  # process: overlaps sampling, no thread penalty
     on_nonfinite: Literal["error", "skip"] = "error"
+    # Seconds one reward call (a batch of sample.batch_size images) may take before the run stops with an error
+    # naming the reward and the prompts. 600 s leaves room for a 7B VLM on one GPU whose first call also loads it.
+    timeout_s: float = 600.0
 
 
 @dataclass
@@ -352,6 +358,7 @@ def validate(c: Config) -> None:
         _require(c.model.use_lora, f"train.kl_coef={t.kl_coef} takes the pretrained model as the reference by turning "
                  "the LoRA adapters off; full finetuning keeps no copy of it. Set model.use_lora=true or train.kl_coef=0")
     _require(t.learning_rate > 0, f"train.learning_rate={t.learning_rate} must be > 0")
+    _require(c.reward.timeout_s > 0, f"reward.timeout_s={c.reward.timeout_s} must be > 0 (seconds per reward call)")
     _require(t.max_grad_norm > 0, f"train.max_grad_norm={t.max_grad_norm} must be > 0")
     _require(t.rwr_temperature > 0, f"train.rwr_temperature={t.rwr_temperature} must be > 0")
     _require(0 <= t.rwr_sparse_quantile < 1, f"train.rwr_sparse_quantile={t.rwr_sparse_quantile} must be in [0, 1)")
