@@ -6,7 +6,8 @@ A checkpoint folder holds
 - `optimizer.pt` (the optimizer's state, loaded with `weights_only=True`),
 - `trainer_state.json` (epoch, step, per-prompt stat-tracker buffers, RNG states),
 - `config.yaml` (the resolved config), and
-- `manifest.json` (sha256 of every file above), written last: a folder without a valid manifest is refused.
+- `manifest.json` (sha256 of every file above), written last: a folder without a valid manifest is refused, and
+  so is one whose manifest leaves out a file the checkpoint needs or that holds files the manifest does not list.
 
 It is written to a temporary folder and renamed into place, so a crash mid-save never leaves a partial
 checkpoint where `--resume` looks.
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import base64
 import json
+import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,10 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddpo.config import Config, config_from_file, save_config
+from ddpo.config import Config, ConfigError, config_from_file, save_config
 from ddpo.manifest import sha256_file
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+REQUIRED_FILES = ("config.yaml", "optimizer.pt", "trainer_state.json")  # besides the weights
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 # Settings that decide the shape of the saved weights: a checkpoint only fits a run that agrees on them.
 _WEIGHT_KEYS = [("model", "pretrained"), ("model", "use_lora"), ("model", "lora_rank"), ("model", "lora_alpha"),
                 ("model", "lora_target_modules")]
@@ -93,22 +98,52 @@ def write_checkpoint(run_dir: Path, epoch: int, *, weights_writer, optimizer_sta
     return final
 
 
+def _what_to_do(folder: Path) -> str:
+    return f"Resume from an earlier checkpoint by passing its folder to --resume, or delete {folder}."
+
+
 def verify_checkpoint(folder: Path) -> None:
-    """Raise CheckpointError unless every file listed in the manifest is present with its sha256."""
+    """Raise CheckpointError unless the manifest lists every file the checkpoint needs (and nothing else is in
+    the folder), every listed file is present with its sha256, and the trainer state parses."""
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
         raise CheckpointError(f"{folder} has no manifest.json: it is incomplete or not a ddpo checkpoint")
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{manifest_path} is corrupt ({err})") from None
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{manifest_path} is corrupt ({err}). {_what_to_do(folder)}") from None
+    _check_manifest(folder, manifest)
     for name, digest in manifest.items():
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"checkpoint {folder} is missing {name}")
         if sha256_file(path) != digest:
             raise CheckpointError(f"checkpoint {folder} is corrupt: {name} does not match its sha256 in manifest.json. "
-                                  f"Resume from an earlier checkpoint by passing its folder to --resume, or delete {folder}.")
+                                  f"{_what_to_do(folder)}")
+    read_trainer_state(folder)  # small: a bad one fails here, before any model loads
+
+
+def _check_manifest(folder: Path, manifest: object) -> None:
+    """The manifest is {relative file name: sha256} covering the weights, the optimizer, the trainer state and the
+    config, and every file in the folder: a file it does not hash could otherwise be loaded unchecked."""
+    if not isinstance(manifest, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and _SHA256.fullmatch(v) and not Path(k).is_absolute()
+            and ".." not in Path(k).parts for k, v in manifest.items()):
+        raise CheckpointError(f"{folder / 'manifest.json'} is not a mapping of file names to sha256 digests: the "
+                              f"checkpoint cannot be verified. {_what_to_do(folder)}")
+    unet_files = [name for name in manifest if name.startswith("unet/")]
+    weights = [LORA_FILE] if LORA_FILE in manifest or not unet_files else ["unet/config.json"]
+    if unet_files and not any(name.endswith(".safetensors") for name in unet_files):
+        weights.append("unet/*.safetensors")
+    missing = [name for name in (*weights, *REQUIRED_FILES) if name not in manifest]
+    if missing:
+        raise CheckpointError(f"checkpoint {folder}: manifest.json does not list {', '.join(missing)}, which a "
+                              f"checkpoint needs; it is incomplete or was edited. {_what_to_do(folder)}")
+    on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {"manifest.json"}
+    unlisted = sorted(on_disk - set(manifest))
+    if unlisted:
+        raise CheckpointError(f"checkpoint {folder} holds {', '.join(unlisted[:3])}, which manifest.json does not "
+                              "list (files are only loaded once verified); remove them or use an untouched checkpoint")
 
 
 def find_checkpoint(path: Path) -> Path:
@@ -127,7 +162,10 @@ def find_checkpoint(path: Path) -> Path:
 
 def check_compatible(folder: Path, config: Config) -> None:
     """Refuse a checkpoint whose weights do not fit `config` (another model or LoRA shape)."""
-    saved = config_from_file(folder / "config.yaml").to_dict()
+    try:
+        saved = config_from_file(folder / "config.yaml").to_dict()
+    except ConfigError as err:
+        raise CheckpointError(f"checkpoint {folder}: its config.yaml is not valid ({err}). {_what_to_do(folder)}") from None
     current = config.to_dict()
     for section, key in _WEIGHT_KEYS:
         if saved[section][key] != current[section][key]:
@@ -136,8 +174,23 @@ def check_compatible(folder: Path, config: Config) -> None:
 
 
 def read_trainer_state(folder: Path) -> dict:
-    return json.loads((folder / "trainer_state.json").read_text())
+    """trainer_state.json: a mapping with at least `epoch` (int >= 0) and `rng`."""
+    path = folder / "trainer_state.json"
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is not readable JSON ({err}). {_what_to_do(folder)}") from None
+    epoch = state.get("epoch") if isinstance(state, dict) else None
+    if not (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0 and isinstance(state.get("rng"), dict)):
+        raise CheckpointError(f"{path} is not a ddpo trainer state (it needs an `epoch` >= 0 and `rng`). "
+                              f"{_what_to_do(folder)}")
+    return state
 
 
 def read_optimizer_state(folder: Path) -> dict:
-    return torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    path = folder / "optimizer.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:  # what torch raises for a bad file
+        raise CheckpointError(f"{path} is not an optimizer state saved by ddpo ({type(err).__name__}). "
+                              f"{_what_to_do(folder)}") from None
