@@ -8,14 +8,19 @@ same seeds can be compared side by side.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import math
 import sys
+import warnings
 from pathlib import Path
 
 
 def load_for_inference(model: str, lora: str | None = None, device: str | None = None):
     """The pipeline of `model` with the weights of a `ddpo train` checkpoint (LoRA or full UNet) applied.
 
-    `lora` is a checkpoint folder, or a run folder (its newest checkpoint).
+    `lora` is a checkpoint folder, or a run folder (its newest checkpoint). Weights that do not fit `model` raise
+    a one-line CheckpointError naming the model the checkpoint was trained on.
     """
     import torch
 
@@ -23,17 +28,56 @@ def load_for_inference(model: str, lora: str | None = None, device: str | None =
 
     pipe = load_pipeline(model)
     if lora:
-        from ddpo.checkpoint import LORA_FILE, find_checkpoint
+        from ddpo.checkpoint import LORA_FILE, CheckpointError, find_checkpoint
 
         folder = find_checkpoint(Path(lora))
+        trained_on = checkpoint_config(folder).model.pretrained
+        advice = (f"it was trained on model.pretrained={trained_on!r}; pass --model {trained_on}"
+                  if trained_on != model else f"it was trained on this model ({model!r})")
         if (folder / LORA_FILE).is_file():
-            pipe.load_lora_weights(str(folder))
+            try:
+                with _quiet("diffusers", "peft"):  # diffusers logs one line per mismatched tensor before raising
+                    pipe.load_lora_weights(str(folder))
+            except (RuntimeError, ValueError, KeyError) as err:
+                raise CheckpointError(f"the LoRA weights in {folder} do not fit {model!r} "
+                                      f"({type(err).__name__}); {advice}") from None
         else:
             from diffusers import UNet2DConditionModel
 
-            pipe.unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+            unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+            fits = (unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+                    and unet.config.in_channels == pipe.unet.config.in_channels
+                    and unet.config.out_channels == pipe.unet.config.out_channels)
+            if not fits:
+                raise CheckpointError(f"the UNet in {folder} does not fit the text encoder and VAE of {model!r}; {advice}")
+            pipe.unet = unet
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return pipe.to(device)
+
+
+def checkpoint_config(folder: Path):
+    """The config a verified checkpoint folder was trained with (a bad one is a CheckpointError)."""
+    from ddpo.checkpoint import CheckpointError
+    from ddpo.config import ConfigError, config_from_file
+
+    try:
+        return config_from_file(folder / "config.yaml")
+    except ConfigError as err:
+        raise CheckpointError(f"checkpoint {folder}: its config.yaml is not valid ({err})") from None
+
+
+@contextlib.contextmanager
+def _quiet(*names: str):
+    """Raise the level of the named loggers to CRITICAL while the block runs."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def generate_images(pipe, prompts: list[str], seed: int = 0, num_steps: int = 50, guidance_scale: float = 5.0,
@@ -56,27 +100,33 @@ def generate_images(pipe, prompts: list[str], seed: int = 0, num_steps: int = 50
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="ddpo generate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="shapes", help="diffusers folder, hub id, or 'shapes' (default)")
+    parser.add_argument("--model", default=None,
+                        help="diffusers folder, hub id, or 'shapes' (default: the checkpoint's model, else shapes)")
     parser.add_argument("--lora", help="a ddpo checkpoint folder or run folder (runs/NAME) to apply")
     parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
-    parser.add_argument("-n", type=int, default=4, help="images per prompt (default 4)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the checkpoint's, else 50)")
-    parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the checkpoint's, else 5)")
-    parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta: 1 as in training, 0 deterministic")
+    parser.add_argument("-n", type=int, default=4, help="images per prompt, >= 1 (default 4)")
+    parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (0 .. 2**32-1)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="denoising steps, >= 1 (default: the checkpoint's, else 50)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="CFG scale, >= 1; 1 turns guidance off (default: the checkpoint's, else 5)")
+    parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta >= 0: 1 as in training, 0 deterministic")
     parser.add_argument("--out", default="generated", help="output folder (default ./generated)")
     args = parser.parse_args(argv)
-    if args.n < 1:
-        parser.error("-n must be >= 1")
-    steps, guidance = _defaults(args)
+    _check_args(parser, args)
     from ddpo.checkpoint import CheckpointError
     from ddpo.pipeline import ModelLoadError
 
     try:
+        steps, guidance = _defaults(args)
         pipe = load_for_inference(args.model, args.lora)
     except (ModelLoadError, CheckpointError) as err:
         print(f"ddpo generate: {err}", file=sys.stderr)
         return 1
+    limit = pipe.scheduler.config.num_train_timesteps
+    if steps > limit:
+        parser.error(f"--steps {steps}: {args.model!r} was trained with {limit} timesteps; use at most {limit}")
+    _warn_long_prompts(args.prompt, pipe.tokenizer)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for p_index, prompt in enumerate(args.prompt):
@@ -89,20 +139,50 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _check_args(parser: argparse.ArgumentParser, args) -> None:
+    """Refuse values that would fail (or silently do nothing) after the model loads, as argparse errors (exit 2)."""
+    from ddpo.config import SEED_MAX
+
+    if args.n < 1:
+        parser.error(f"-n {args.n}: must be >= 1")
+    if not 0 <= args.seed <= SEED_MAX:
+        parser.error(f"--seed {args.seed}: must be in [0, {SEED_MAX}]")
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps {args.steps}: must be >= 1")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 1):
+        parser.error(f"--guidance {args.guidance}: must be a finite number >= 1 (1 turns guidance off)")
+    if not (math.isfinite(args.eta) and args.eta >= 0):
+        parser.error(f"--eta {args.eta}: must be a finite number >= 0 (0: deterministic DDIM)")
+
+
+def _warn_long_prompts(prompts: list[str], tokenizer) -> None:
+    """Say which prompts the text encoder will cut (it reads `model_max_length` tokens, 77 for CLIP)."""
+    from prompts import check_prompt_lengths
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the grammar-oriented warning; this one names the flag
+        too_long = check_prompt_lengths(prompts, tokenizer)
+    for text, tokens in too_long:
+        print(f"ddpo generate: warning: --prompt {text[:60]!r}{'...' if len(text) > 60 else ''} has {tokens} tokens; "
+              f"the text encoder reads {tokenizer.model_max_length}, so the rest is cut", file=sys.stderr)
+
+
 def _defaults(args) -> tuple[int, float]:
-    """Steps and guidance: the flags, else those the checkpoint was trained with, else SD's 50 and 5."""
+    """Model, steps and guidance: the flags, else those the checkpoint was trained with, else shapes' (or SD's 50
+    and 5). Sets `args.model` when it was not given."""
     steps, guidance = 50, 5.0
     if args.lora:
         from ddpo.checkpoint import find_checkpoint
-        from ddpo.config import config_from_file
 
-        config = config_from_file(find_checkpoint(Path(args.lora)) / "config.yaml")
+        config = checkpoint_config(find_checkpoint(Path(args.lora)))
         steps, guidance = config.sample.num_steps, config.sample.guidance_scale
-    elif args.model == "shapes":
+        args.model = args.model or config.model.pretrained
+    elif (args.model or "shapes") == "shapes":
         from ddpo.config import load_config
 
         sample = load_config("shapes_alignment").sample
         steps, guidance = sample.num_steps, sample.guidance_scale
+    args.model = args.model or "shapes"
     return (args.steps or steps, args.guidance if args.guidance is not None else guidance)
 
 
