@@ -87,7 +87,13 @@ def _bc(args) -> int:
 
 
 def _train(args) -> int:
+    from ddpo.config import RUN_NAME, RUN_NAME_RULE
+
     from .train import TrainConfig, train
+
+    if args.name is not None and not RUN_NAME.fullmatch(args.name):
+        raise ValueError(f"--name {args.name!r}: {RUN_NAME_RULE}; the run folder is --runs-dir/NAME "
+                         "(set --runs-dir to choose where)")
 
     config = TrainConfig(
         env_id=args.env, method=args.method, steps=args.steps, seed=args.seed, policy=args.policy,
@@ -115,7 +121,12 @@ def _list(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    for flag in ("episodes", "steps"):  # argparse-style errors (exit 2) before any environment or model loads
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            parser.error(f"--{flag} must be >= 1, got {value}")
     _setup()
     handlers = {"demos": _demos, "bc": _bc, "train": _train, "eval": _eval, "list": _list}
     try:

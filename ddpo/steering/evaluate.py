@@ -63,6 +63,8 @@ def rollout(env, act: ChunkActor, seed: int, frames: list | None = None) -> floa
 
 def evaluate(env_id: str, act: ChunkActor, episodes: int, seed: int = EVAL_SEED) -> np.ndarray:
     """Returns (episodes,) on seeds seed, seed + 1, ..."""
+    if episodes < 1:  # a mean over no episode is NaN
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
     env = make_env(env_id)
     return np.asarray([rollout(env, act, seed + i) for i in range(episodes)])
 

@@ -33,8 +33,9 @@ class NoiseActionEnv(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """
 
     def __init__(self, env: gym.Env, policy: SteerablePolicy, noise_bound: float = 1.5):
-        if not noise_bound > 0:
-            raise ValueError(f"noise_bound must be > 0 (the latent action space is Box(-b, b)); got {noise_bound}")
+        if not (np.isfinite(noise_bound) and noise_bound > 0):
+            raise ValueError(f"noise_bound must be a finite number > 0 (the latent action space is Box(-b, b)); "
+                             f"got {noise_bound}")
         # Recorded so gymnasium can recreate the wrapped env from its spec (its env checker does).
         gym.utils.RecordConstructorArgs.__init__(self, policy=policy, noise_bound=noise_bound)
         gym.Wrapper.__init__(self, env)

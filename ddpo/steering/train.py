@@ -8,6 +8,7 @@ environment step, the warm start included.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,12 +43,24 @@ class TrainConfig:
     video: bool = True
 
     def validate(self) -> None:
+        """Every check that can fail, before the run folder is created (a half-written folder would block the name)."""
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
-        if not self.noise_bound > 0:
-            raise ValueError(f"--noise-bound must be > 0, got {self.noise_bound}")
-        if self.steps <= 0 or self.eval_every <= 0 or self.eval_episodes <= 0:
-            raise ValueError("--steps, --eval-every and --eval-episodes must be positive")
+        if not (math.isfinite(self.noise_bound) and self.noise_bound > 0):
+            raise ValueError(f"--noise-bound must be a finite number > 0, got {self.noise_bound}")
+        for flag, value in [("--steps", self.steps), ("--eval-every", self.eval_every),
+                            ("--eval-episodes", self.eval_episodes), ("--checkpoint-every", self.checkpoint_every),
+                            ("--updates-per-decision", self.updates_per_decision), ("hidden", self.hidden),
+                            ("layers", self.layers)]:
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        if self.warm_start_steps < 0:
+            raise ValueError(f"--warm-start-steps must be >= 0, got {self.warm_start_steps}")
+        if self.steps <= self.warm_start_steps:
+            raise ValueError(f"--steps {self.steps} must be larger than --warm-start-steps {self.warm_start_steps}: "
+                             "the budget counts the warm start, so no update would run")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"--seed must be in [0, {2**32 - 1}], got {self.seed}")
 
 
 def load_base_policy(env_id: str, folder: str | None):
@@ -122,12 +135,14 @@ def train(config: TrainConfig, run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     checkpoint = run_dir / "checkpoint"
     saved_config = run_dir / "config.json"
-    if saved_config.is_file():
+    if saved_config.is_file() and (checkpoint / "state.json").is_file():  # without a checkpoint: nothing to resume
         previous = json.loads(saved_config.read_text())
         free = ("steps", "video")  # a resumed run may change its budget and whether it renders
         if {k: v for k, v in previous.items() if k not in free} != {k: v for k, v in asdict(config).items() if k not in free}:
             raise ValueError(f"{run_dir} holds a run with a different config; pick a new --name or use the same options")
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not (checkpoint / "state.json").is_file():  # a fresh start: drop what a run stopped before its first save logged
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     saved_config.write_text(json.dumps(asdict(config), indent=2))
     torch.manual_seed(config.seed)
     if config.method == "dsrl_na":
