@@ -22,6 +22,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# Top-level modules of the optional extras (pyproject.toml) -> the extra that installs them.
+EXTRAS: dict[str, str] = {
+    "gymnasium": "steering", "stable_baselines3": "steering", "mujoco": "steering", "imageio": "steering",
+    "gradio": "app", "gradio_client": "app", "wandb": "wandb", "bitsandbytes": "bnb", "xformers": "xformers",
+    "ImageReward": "rewards-extra", "hpsv2": "rewards-extra",
+}
+
+
 def _usage() -> str:
     width = max(len(name) for name in COMMANDS)
     lines = ["usage: ddpo <command> [options]", "", "commands:"]
@@ -49,8 +57,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ddpo: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module_name, func_name = COMMANDS[name][0].split(":")
-    func = getattr(importlib.import_module(module_name), func_name)
-    result = func(rest)
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+        result = func(rest)
+    except ModuleNotFoundError as err:
+        extra = EXTRAS.get((err.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(f"ddpo {name}: this needs the {extra!r} extra ({err.name} is not installed); install it with\n"
+              f'  pip install -c constraints.txt -e ".[{extra}]"', file=sys.stderr)
+        return 1
     return int(result or 0)
 
 
