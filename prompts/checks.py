@@ -1,8 +1,10 @@
 """Whole-grammar checks, run when a grammar loads so that a broken grammar never fails mid-training.
 
-Errors: undefined rules or fields, a rule that can never finish (a cycle with no way out), duplicate
-alternatives, inconsistent fields, an `a(n)` with nothing after it, and constraints or held-out
-combinations that name keys or values the grammar cannot produce. Warnings: rules never used.
+Errors: undefined rules or fields, a rule that can never finish (a cycle with no way out), a rule that can
+expand to more than MAX_PROMPT_CHARS characters or MAX_RULE_USES rule uses, or through more than MAX_DEPTH
+nested rules, duplicate alternatives, inconsistent fields, an `a(n)` with nothing after it, and constraints or
+held-out combinations that name keys or values the grammar cannot produce. Warnings: rules never used.
+Every walk over the rules here is iterative, so a grammar of thousands of rules cannot exhaust Python's stack.
 """
 
 from __future__ import annotations
@@ -13,6 +15,11 @@ from prompts.articles import finish_text, has_dangling_marker
 from prompts.spec import Condition, GrammarError, GrammarSpec, MetadataTemplate, Ref, Rule
 
 _REPEAT_KEY = re.compile(r"^(.+)#([2-9]|[1-9][0-9]+)$")
+# Bounds on one prompt, checked when a grammar loads (and again while sampling a recursive grammar, whose
+# size is only bounded on average). Generous for prompts (CLIP reads 77 tokens), small for memory.
+MAX_DEPTH = 200  # nested rules in one derivation
+MAX_PROMPT_CHARS = 10_000  # characters of one prompt (of the text of any rule in it)
+MAX_RULE_USES = 10_000  # rule expansions in one prompt
 
 
 def refs(parts: tuple) -> list[Ref]:
@@ -36,22 +43,108 @@ def reachable_rules(spec: GrammarSpec) -> list[str]:
     return order
 
 
+def _children(spec: GrammarSpec, name: str):
+    return (ref.rule for alt in spec.rules[name].alternatives for ref in refs(alt.parts))
+
+
 def recursive_cycle(spec: GrammarSpec) -> list[str] | None:
-    """A cycle of rules reachable from the start rule (the grammar is then infinite), or None."""
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    """A cycle of rules reachable from the start rule (the grammar is then infinite), or None.
 
-    def visit(name: str, path: list[str]) -> list[str] | None:
-        state[name] = 1
-        for alt in spec.rules[name].alternatives:
-            for ref in refs(alt.parts):
-                if state.get(ref.rule) == 1:
-                    return path[path.index(ref.rule):] + [ref.rule]
-                if ref.rule not in state and (cycle := visit(ref.rule, path + [ref.rule])):
-                    return cycle
-        state[name] = 2
-        return None
+    A depth-first walk with an explicit stack (one iterator of references per rule on the current path)."""
+    state: dict[str, int] = {spec.start: 1}  # 1: on the current path, 2: done
+    path, stack = [spec.start], [_children(spec, spec.start)]
+    while stack:
+        for child in stack[-1]:
+            if state.get(child) == 1:
+                return path[path.index(child):] + [child]
+            if child not in state:
+                state[child] = 1
+                path.append(child)
+                stack.append(_children(spec, child))
+                break
+        else:
+            state[path.pop()] = 2
+            stack.pop()
+    return None
 
-    return visit(spec.start, [spec.start])
+
+def _components(spec: GrammarSpec) -> list[list[str]]:
+    """Strongly connected components of the rule graph (Tarjan's algorithm, iterative), each emitted after
+    every component it refers to: the order in which sizes can be computed bottom-up."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on_stack: set[str] = set()
+    stack: list[str] = []
+    components: list[list[str]] = []
+    for root in spec.rules:
+        if root in index:
+            continue
+        work = [(root, _children(spec, root))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            name, children = work[-1]
+            for child in children:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, _children(spec, child)))
+                    break
+                if child in on_stack:
+                    low[name] = min(low[name], index[child])
+            else:
+                work.pop()
+                if work:
+                    parent = work[-1][0]
+                    low[parent] = min(low[parent], low[name])
+                if low[name] == index[name]:
+                    component = []
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        component.append(member)
+                        if member == name:
+                            break
+                    components.append(component)
+    return components
+
+
+def _check_size(spec: GrammarSpec) -> None:
+    """Refuse a rule that can expand to more than MAX_PROMPT_CHARS characters or MAX_RULE_USES rule uses, or
+    through more than MAX_DEPTH nested rules: 41 rules `dN: "{dN+1} {dN+1}"` are a valid grammar whose one
+    prompt has 2**40 words. Sizes are exact maxima for finite grammars; inside a recursion, references back into
+    the recursion count as nothing (its size is bounded on average by `_check_expected_size`, and while sampling)."""
+    chars: dict[str, int] = {}
+    uses: dict[str, int] = {}
+    depth: dict[str, int] = {}
+    for component in _components(spec):
+        members = set(component)
+        for name in component:
+            rule = spec.rules[name]
+            chars[name] = uses[name] = depth[name] = 0
+            for alt in rule.alternatives:
+                outside = [ref for ref in refs(alt.parts) if ref.rule not in members]
+                alt_chars = sum(len(part) for part in alt.parts if isinstance(part, str))
+                alt_chars += sum(chars[r.rule] if r.field is None else _field_chars(spec, r) for r in outside)
+                chars[name] = max(chars[name], alt_chars)
+                uses[name] = max(uses[name], 1 + sum(uses[r.rule] for r in outside))
+                depth[name] = max(depth[name], 1 + max((depth[r.rule] for r in outside), default=0))
+            if depth[name] > MAX_DEPTH:
+                raise GrammarError(f"a derivation from this rule can go {depth[name]} rules deep; the limit is "
+                                   f"{MAX_DEPTH}. Shorten the chain of rules that refer to one another",
+                                   rule.file, rule.line, name)
+            for size, limit, what in [(chars[name], MAX_PROMPT_CHARS, "characters"),
+                                      (uses[name], MAX_RULE_USES, "rule uses")]:
+                if size > limit:
+                    raise GrammarError(f"this rule can expand to {size:.3g} {what} in one prompt; the limit is "
+                                       f"{limit}. A rule that uses another rule twice doubles its size: use fewer "
+                                       "repeated references", rule.file, rule.line, name)
+
+
+def _field_chars(spec: GrammarSpec, ref: Ref) -> int:
+    return max(len(str(alt.fields[ref.field])) for alt in spec.rules[ref.rule].alternatives)
 
 
 def _check_rule(spec: GrammarSpec, rule: Rule) -> None:
@@ -88,16 +181,28 @@ def _check_ref(spec: GrammarSpec, ref: Ref, file: str, line: int, name: str) -> 
 
 
 def _check_termination(spec: GrammarSpec) -> None:
-    """Every rule needs an alternative whose references all finish (a least fixed point over the rules)."""
+    """Every rule needs an alternative whose references all finish (a least fixed point over the rules, found
+    with a work list: each alternative counts its references that are not known to finish yet)."""
+    waiting: dict[tuple[str, int], set[str]] = {}  # (rule, alternative) -> referenced rules not known to finish
+    users: dict[str, list[tuple[str, int]]] = {}  # rule -> the alternatives that refer to it
+    ready: list[str] = []
+    for rule in spec.rules.values():
+        for i, alt in enumerate(rule.alternatives):
+            waiting[rule.name, i] = {r.rule for r in refs(alt.parts)}
+            for name in waiting[rule.name, i]:
+                users.setdefault(name, []).append((rule.name, i))
+            if not waiting[rule.name, i]:
+                ready.append(rule.name)
     finishing: set[str] = set()
-    changed = True
-    while changed:
-        changed = False
-        for rule in spec.rules.values():
-            if rule.name not in finishing and any(all(r.rule in finishing for r in refs(alt.parts))
-                                                  for alt in rule.alternatives):
-                finishing.add(rule.name)
-                changed = True
+    while ready:
+        name = ready.pop()
+        if name in finishing:
+            continue
+        finishing.add(name)
+        for user in users.get(name, []):
+            waiting[user].discard(name)
+            if not waiting[user] and user[0] not in finishing:
+                ready.append(user[0])
     for rule in spec.rules.values():
         if rule.name not in finishing:
             path, name = [rule.name], rule.name
@@ -163,6 +268,7 @@ def check_spec(spec: GrammarSpec) -> None:
     for rule in spec.rules.values():
         _check_rule(spec, rule)
     _check_termination(spec)
+    _check_size(spec)
     cycle = recursive_cycle(spec)
     if cycle is not None:
         _check_expected_size(spec, cycle)

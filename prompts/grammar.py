@@ -17,11 +17,12 @@ from itertools import accumulate
 from typing import Any, NamedTuple
 
 from prompts.articles import finish_text
-from prompts.checks import metadata_keys, recursive_cycle, template_refs
+from prompts.checks import MAX_DEPTH, MAX_PROMPT_CHARS, MAX_RULE_USES, metadata_keys, recursive_cycle, template_refs
 from prompts.spec import Alternative, GrammarError, GrammarSpec, Ref
 
 SPLITS = (None, "train", "heldout")
-MAX_DEPTH = 200  # a last guard: loading already refuses recursions that grow on average
+# MAX_DEPTH, MAX_PROMPT_CHARS and MAX_RULE_USES are checked at load time (exactly for finite grammars) and
+# again while sampling: loading only refuses recursions that grow on average, not an unlucky long draw.
 MAX_TRIES = 10_000  # rejected draws (constraints, split) allowed per sampled prompt
 MAX_ENUMERATE = 1_000_000  # enumerated prompts are cached, so this bounds memory too
 
@@ -139,6 +140,10 @@ class Grammar:
             raise GrammarError(f"a derivation went deeper than {MAX_DEPTH} rules (recursion through "
                                f"{' -> '.join(self._cycle or [name])}); give the alternatives that end the "
                                "recursion more weight", self.spec.file, self.spec.rules[name].line, name)
+        if len(events) >= MAX_RULE_USES:
+            raise GrammarError(f"a derivation used more than {MAX_RULE_USES} rules (recursion through "
+                               f"{' -> '.join(self._cycle or [name])}); give the alternatives that end the "
+                               "recursion more weight", self.spec.file, self.spec.rules[name].line, name)
         rule, cumulative = self.spec.rules[name], self._cumulative[name]
         index = min(bisect.bisect_right(cumulative, rng.random() * cumulative[-1]), len(cumulative) - 1)
         alt = rule.alternatives[index]
@@ -152,6 +157,10 @@ class Grammar:
             else:
                 pieces.append(part)
         text = finish_text("".join(pieces))
+        if len(text) > MAX_PROMPT_CHARS:
+            raise GrammarError(f"a derivation produced {len(text)} characters, more than the {MAX_PROMPT_CHARS} a "
+                               "prompt may have; give the alternatives that end the recursion more weight",
+                               self.spec.file, self.spec.rules[name].line, name)
         events[slot] = (name, text, alt)
         return text, alt
 
