@@ -36,7 +36,11 @@ def app(tmp_path_factory):
 
     runs = root / "runs"
     train(load_config("tiny_cpu", [f"logging.output_dir={runs}", "logging.run_name=tiny", "train.learning_rate=0.05"]))
-    settings = AppSettings(runs_dir=runs, default_model="tiny-random")
+    # the operator's --reward-config: a stand-in VLM (a "module:Class" captioner only an operator may name) and an
+    # aesthetic reward whose CLIP folder does not exist (a reward that fails while the others score)
+    settings = AppSettings(runs_dir=runs, default_model="tiny-random", reward_config={
+        "vlm_bertscore": {"captioner": "test_app_api:EchoCaptioner"},
+        "aesthetic": {"clip_model": str(root / "no-clip-here")}})
     demo, port, env = launch_app(settings, root)
     client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(root / "downloads"))
     yield client, settings, demo
@@ -102,6 +106,9 @@ def test_compare_prompts_from_grammar(app):
     ({"rewards": [], "weights": ""}, "tick at least one reward"),
     ({"weights": "jpeg_compressibility: lots"}, "is not 'name: weight'"),
     ({"options": "{not json"}, "reward options are not valid JSON"),
+    ({"options": '{"vlm_bertscore": {"captioner": "no_such_backend"}}'}, "captioner 'no_such_backend' is not offered"),
+    ({"options": '{"aesthetic": {"clip_model": "/tmp"}}'}, "aesthetic.clip_model cannot be set from the browser"),
+    ({"weights": "remote: 1"}, "reward 'remote' is not offered"),
 ])
 def test_compare_rejects_bad_input_with_a_readable_message(app, change, message):
     client, _, _ = app
@@ -111,16 +118,16 @@ def test_compare_rejects_bad_input_with_a_readable_message(app, change, message)
 
 def test_one_failing_reward_does_not_hide_the_others(app):
     client, _, _ = app
-    _, table, _, _, notes = compare(client, n=1, rewards=["jpeg_compressibility", "vlm_bertscore"],
-                                    options='{"vlm_bertscore": {"captioner": "no_such_backend"}}')
+    _, table, _, _, notes = compare(client, n=1, rewards=["jpeg_compressibility", "aesthetic"])
     assert table["headers"][3:] == ["jpeg_compressibility"]
-    assert "vlm_bertscore" in notes and "no_such_backend" in notes
+    assert "aesthetic" in notes and "no-clip-here" in notes
 
 
-def test_vlm_captions_are_shown(app):
+@pytest.mark.parametrize("options", ["{}", '{"vlm_bertscore": {"captioner": "test_app_api:EchoCaptioner"}}'])
+def test_vlm_captions_are_shown(app, options):
+    """The operator's captioner is the default, and the one captioner beyond the local ones a browser may pick."""
     client, _, _ = app
-    _, table, _, captions, _ = compare(client, n=2, rewards=["vlm_bertscore"],
-                                       options='{"vlm_bertscore": {"captioner": "test_app_api:EchoCaptioner"}}')
+    _, table, _, captions, _ = compare(client, n=2, rewards=["vlm_bertscore"], options=options)
     assert [row[1] for row in captions["data"]] == ["vlm_bertscore", "vlm_bertscore"]
     assert all(row[2] in ("pixel bright", "pixel dark") for row in captions["data"])
     assert all(row[3] == "a cat" for row in captions["data"])  # the reference sentence BERTScore compared with

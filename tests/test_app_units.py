@@ -10,7 +10,8 @@ import pytest
 
 from ddpo.ui.pickers import NO_CHECKPOINT, checkpoint_choices, list_runs, model_choices, resolve_checkpoint, \
     resolve_model, resolve_run
-from ddpo.ui.scoring import Scored, agreement_rows, caption_rows, parse_reward_kwargs, parse_weights, spearman
+from ddpo.ui.reward_options import parse_options, parse_weights
+from ddpo.ui.scoring import Scored, agreement_rows, caption_rows, spearman
 from ddpo.ui.settings import AppSettings, UIError, check_float, check_int
 from ddpo.ui.training import check_overrides, curve_frame, read_metrics
 
@@ -98,9 +99,18 @@ def test_parse_weights_and_reward_options():
     for bad in ("a", "a: x", "a: nan"):
         with pytest.raises(UIError, match="name: weight"):
             parse_weights(bad)
-    assert parse_reward_kwargs('{"r": {"k": 1}}') == {"r": {"k": 1}}
+    with pytest.raises(UIError, match="weights must lie within"):
+        parse_weights("a: 1e9")
+    with pytest.raises(UIError, match="the limit is 16"):
+        parse_weights(", ".join(f"jpeg_compressibility#t{i}: 1" for i in range(17)))
+    # parsed only: which names and options are allowed is checked by reward_jobs (test_app_security)
+    assert parse_options('{"r": {"k": 1}}') == {"r": {"k": 1}}
     with pytest.raises(UIError, match="must map reward names"):
-        parse_reward_kwargs('{"r": 1}')
+        parse_options('{"r": 1}')
+    with pytest.raises(UIError, match="nested too deeply"):
+        parse_options('{"r": {"k": ' + "[" * 3000 + "]" * 3000 + "}}")
+    with pytest.raises(UIError, match="the limit is 10000"):
+        parse_options('{"r": {"k": "' + "x" * 10_000 + '"}}')
 
 
 def test_overrides_that_could_import_code_or_write_elsewhere_are_refused():

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import gradio as gr
 
-from ddpo.ui import scoring
+from ddpo.ui import reward_options, scoring
 from ddpo.ui.pickers import NO_CHECKPOINT, checkpoint_choices, model_choices, resolve_checkpoint, resolve_model
 from ddpo.ui.settings import AppSettings, UIError
 from ddpo.ui.widgets import check_generation, generation_inputs, readable_errors, reward_choices
@@ -16,27 +15,23 @@ UPLOAD_MAX_SIDE = 2048
 CAPTION_HEADERS = ["image", "reward", "caption", "reference"]
 
 
-def default_reward_kwargs() -> str:
-    """Offline defaults: the VLM reward uses the Shapes captioner shipped with the package."""
-    return json.dumps({"vlm_bertscore": {"captioner": "shapes"}}, indent=1)
-
-
-def default_rewards(model: str) -> list[str]:
-    choices = reward_choices()
+def default_rewards(settings: AppSettings, model: str) -> list[str]:
+    choices = reward_choices(settings)
     wanted = ["jpeg_compressibility", "vlm_bertscore"] if model == "shapes" else ["jpeg_compressibility",
                                                                                    "jpeg_incompressibility"]
     return [r for r in wanted if r in choices]
 
 
-def reward_inputs(model: str, prefix: str) -> list:
-    """[rewards, weights, normalize, reward options] components."""
-    rewards = gr.CheckboxGroup(reward_choices(), value=default_rewards(model), label="Rewards",
+def reward_inputs(settings: AppSettings, model: str, prefix: str) -> list:
+    """[rewards, weights, normalize, reward options] components; `reward_options.reward_jobs` checks their values."""
+    rewards = gr.CheckboxGroup(reward_choices(settings), value=default_rewards(settings, model), label="Rewards",
                                elem_id=f"{prefix}-rewards")
     with gr.Accordion("Composed reward and reward options", open=False):
         weights = gr.Textbox("", label="Composed reward: 'name: weight' pairs (empty: none)",
                              placeholder="jpeg_compressibility: 1.0, vlm_bertscore: 2.0", elem_id=f"{prefix}-weights")
         normalize = gr.Radio(["none", "batch"], value="none", label="Normalise each term (batch z-score)")
-        options = gr.Code(default_reward_kwargs(), language="json", label="Reward options (JSON: name -> kwargs)")
+        options = gr.Code(reward_options.default_options(settings.reward_config), language="json",
+                          label="Reward options (JSON: name -> options; see docs/app.md for what may be set)")
     return [rewards, weights, normalize, options]
 
 
@@ -83,7 +78,7 @@ def build(settings: AppSettings, model: str) -> None:
                                    allow_custom_value=True, scale=4, elem_id="compare-ckpt")
                 refresh = gr.Button("Refresh", scale=1, size="sm")
             gen = generation_inputs(settings, model, "compare")
-            rewards = reward_inputs(model, "compare")
+            rewards = reward_inputs(settings, model, "compare")
             go = gr.Button("Generate and score", variant="primary", elem_id="compare-go")
             with gr.Accordion("Score your own images", open=False):
                 uploads = gr.File(file_count="multiple", file_types=["image"],
@@ -103,26 +98,25 @@ def build(settings: AppSettings, model: str) -> None:
     @readable_errors
     def compare(model_label, ckpt_label, source, prompt, grammar, split, n, seed, steps, guidance,
                 names, weights, normalize, options, progress=gr.Progress()):
+        jobs = reward_options.reward_jobs(settings.reward_config, names, options, weights, normalize)
         request = check_generation(settings, source, prompt, grammar, split, n, seed, steps, guidance)
         model_name, lora = resolve_model(settings, model_label), resolve_checkpoint(settings, ckpt_label)
-        kwargs, weights = scoring.parse_reward_kwargs(options), scoring.parse_weights(weights)
         progress(0, desc="loading the model")
         pipe = scoring.get_pipeline(model_name, lora)
         images = scoring.generate(pipe, request.prompts, request.seed, request.steps, request.guidance, eta=1.0,
                                   progress=lambda i, total: progress((i, total), desc="generating", unit="images"))
         progress(1.0, desc="scoring")
-        scored = scoring.score_images(images, request.prompts, request.metadata, list(names or []), kwargs,
-                                      weights, normalize)
+        scored = scoring.score_images(images, request.prompts, request.metadata, jobs)
         seeds = [request.seed + i for i in range(len(request.prompts))]
         return results(scored, images, request.prompts, seeds)
 
     @readable_errors
     def score_uploads(files, prompt, names, weights, normalize, options):
+        jobs = reward_options.reward_jobs(settings.reward_config, names, options, weights, normalize)
         images = load_uploads(files, lim.max_images)
         prompt = (prompt or "").strip()[:lim.max_prompt_chars]
         prompts = [prompt] * len(images)
-        scored = scoring.score_images(images, prompts, [{} for _ in images], list(names or []),
-                                      scoring.parse_reward_kwargs(options), scoring.parse_weights(weights), normalize)
+        scored = scoring.score_images(images, prompts, [{} for _ in images], jobs)
         return results(scored, images, prompts, ["upload"] * len(images))
 
     go.click(compare, [model_box, ckpt, *gen.as_list(), *rewards], outputs, api_name="compare",

@@ -58,7 +58,7 @@ def resolve_model(settings: AppSettings, label: str | None) -> str:
     label = (label or "").strip()
     if label in model_choices(settings):
         return label
-    if settings.allow_hub and HUB_ID.match(label) and ".." not in label and not Path(label).exists():
+    if settings.allow_hub and HUB_ID.fullmatch(label) and ".." not in label and not Path(label).exists():
         return label
     hub = " or a hub id (org/name)" if settings.allow_hub else ""
     raise UIError(f"model {label!r} is not one of the offered models{hub}; local folders must be under a "
@@ -71,7 +71,7 @@ def list_runs(runs_dir: Path) -> list[Path]:
     Steering runs (config.json) are listed by the Steering tab instead."""
     if not runs_dir.is_dir():
         return []
-    runs = [p for p in runs_dir.iterdir() if p.is_dir() and RUN_NAME.match(p.name)
+    runs = [p for p in runs_dir.iterdir() if p.is_dir() and RUN_NAME.fullmatch(p.name)
             and any((p / f).is_file() for f in ("config.yaml", "app_train.log"))]
     return sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from ddpo.ui.settings import AppSettings, UIError, check_int
-from ddpo.ui.widgets import SPLITS, grammar_choices, readable_errors
+from ddpo.ui.widgets import SPLITS, grammar_choices, load_builtin_grammar, readable_errors
 
 
 def prompt_rows(prompts: list) -> tuple[list[str], list[list]]:
@@ -16,17 +16,9 @@ def prompt_rows(prompts: list) -> tuple[list[str], list[list]]:
     return ["prompt", *keys], [[p.text, *(str(p.metadata.get(k, "")) for k in keys)] for p in prompts]
 
 
-def load(name: str | None):
-    from prompts import load_grammar
-
-    if name not in grammar_choices():
-        raise UIError(f"grammar {name!r} is not one of {', '.join(grammar_choices())}")
-    return load_grammar(name)
-
-
 def grammar_info(name: str, max_rows: int) -> tuple[str, dict]:
     """(markdown: sizes and held-out rule, held-out prompts table)."""
-    g = load(name)
+    g = load_builtin_grammar(name)
     if g.is_finite:
         sizes = f"{g.count(None)} prompts: {g.count('train')} train, {g.count('heldout')} held out."
         headers, rows = prompt_rows(g.enumerate("heldout")[:max_rows])
@@ -60,7 +52,7 @@ def build(settings: AppSettings) -> None:
             raise UIError(f"split {split_name!r} is not one of {', '.join(SPLITS)}")
         count = check_int("prompts to sample", count, 1, 100)
         seed_value = check_int("seed", seed_value, 0, lim.max_seed)
-        headers, rows = prompt_rows(load(name).sample(count, seed=seed_value, split=SPLITS[split_name]))
+        headers, rows = prompt_rows(load_builtin_grammar(name).sample(count, seed=seed_value, split=SPLITS[split_name]))
         return {"headers": headers, "data": rows}
 
     sample.click(on_sample, [grammar, split, n, seed], sampled, api_name="sample_prompts")

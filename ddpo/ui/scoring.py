@@ -17,7 +17,6 @@ import numpy as np
 from ddpo.ui.settings import UIError
 
 DISPLAY_SIDE = 256  # tiny models draw 16-64 px images; gallery copies are upscaled (nearest) to at least this
-COMPOSE = "compose"
 
 
 class Scored(NamedTuple):
@@ -88,55 +87,15 @@ def to_display(images) -> list:
 # ---------------------------------------------------------------------------------------------- rewards
 
 
-def parse_reward_kwargs(text: str | None) -> dict[str, dict]:
-    """The "reward options" box: a JSON object {reward name: {kwarg: value}}."""
-    text = (text or "").strip()
-    if not text:
-        return {}
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise UIError(f"reward options are not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); "
-                      'expected e.g. {"vlm_bertscore": {"captioner": "shapes"}}') from None
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        raise UIError("reward options must map reward names to objects of options, "
-                      'e.g. {"aesthetic": {"device": "cpu"}}')
-    return data
-
-
-def parse_weights(text: str | None) -> dict[str, float]:
-    """The composed-reward box: "name: weight" pairs separated by commas or new lines ("" = no composed reward)."""
-    weights: dict[str, float] = {}
-    for item in (text or "").replace("\n", ",").split(","):
-        if not item.strip():
-            continue
-        name, sep, raw = item.partition(":")
-        try:
-            weights[name.strip()] = float(raw) if sep else math.nan
-        except ValueError:
-            weights[name.strip()] = math.nan
-        if not math.isfinite(weights[name.strip()]):
-            raise UIError(f"composed reward term {item.strip()!r} is not 'name: weight' with a number, "
-                          "e.g. 'jpeg_compressibility: 1.0, aesthetic: 0.1'")
-    return weights
-
-
 def _cached_reward(name: str, kwargs: dict[str, Any]):
     from rewards import build_reward
 
     return REWARDS.get((name, json.dumps(kwargs, sort_keys=True)), lambda: build_reward(name, **kwargs))
 
 
-def score_images(images, prompts: list[str], metadata: list[dict], names: list[str], kwargs: dict[str, dict],
-                 weights: dict[str, float], normalize: str = "none") -> Scored:
-    """Score with every reward in `names` (each on its own, so one failing reward does not hide the others),
-    plus a column "compose" (the registry's compose reward) when `weights` is not empty."""
-    if not names and not weights:
-        raise UIError("tick at least one reward (or give weights for a composed reward)")
-    jobs = {name: (name, kwargs.get(name, {})) for name in names}
-    if weights:
-        jobs[COMPOSE] = (COMPOSE, {"terms": weights, "normalize": {"none": False, "batch": "batch"}[normalize],
-                                   "kwargs": {t: kwargs[t] for t in weights if t in kwargs}})
+def score_images(images, prompts: list[str], metadata: list[dict], jobs: dict[str, tuple[str, dict]]) -> Scored:
+    """Score with every job, column -> (reward name, kwargs) from `reward_options.reward_jobs` (which checked them
+    against what the browser may set), each on its own so one failing reward does not hide the others."""
     scores, info, errors = {}, {}, {}
     for column, (name, reward_kwargs) in jobs.items():
         try:

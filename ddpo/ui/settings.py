@@ -1,8 +1,9 @@
 """What the app may touch and how much work one request may ask for.
 
 The browser can only pick from lists built from these settings: models from `model_dirs` (plus the shipped
-"shapes" model, "tiny-random" and hub ids), checkpoints and runs from `runs_dir`. Every numeric input is checked
-against `Limits` on the server, because a gradio_client call skips the sliders' bounds.
+"shapes" model, "tiny-random" and hub ids), checkpoints and runs from `runs_dir`, rewards and their options from
+`reward_options` (merged over the operator's `reward_config`). Every numeric input is checked against `Limits` on
+the server, because a gradio_client call skips the sliders' bounds.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class AppSettings:
     limits: Limits = field(default_factory=Limits)
     generation_concurrency: int = 1  # generation/scoring requests that run at once; the rest queue
     train_python: str | None = None  # interpreter for `ddpo train` (default: this one)
+    # The operator's --reward-config: reward name -> kwargs merged into every request for that reward (URLs, keys'
+    # environment variables, own captioners; trusted, because the operator wrote it). See reward_options.
+    reward_config: dict[str, dict] = field(default_factory=dict)
 
 
 def check_int(name: str, value: float | int | None, low: int, high: int) -> int:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import gradio as gr
 
 from ddpo.ui.pickers import list_runs, model_choices, resolve_model, resolve_run
-from ddpo.ui.settings import AppSettings, UIError
+from ddpo.ui.settings import AppSettings, UIError, check_float, check_int
 from ddpo.ui.training import TrainingManager, check_overrides, curve_frame, latest_sample, log_tail, read_metrics, \
     runs_table
 from ddpo.ui.widgets import grammar_choices, readable_errors, reward_choices
 
+MAX_EPOCHS, MAX_BATCH, MIN_LR, MAX_LR = 100_000, 64, 1e-8, 1.0  # the bounds of the inputs below
 RUN_HEADERS = ["run", "epochs logged", "last reward_mean", "checkpoints", "modified"]
 FIELDS = ("model.pretrained", "reward.name", "prompts.grammar", "train.algorithm", "train.num_epochs",
           "train.learning_rate", "sample.num_steps", "sample.batch_size")
@@ -27,20 +30,27 @@ def preset_values(preset: str | None) -> list:
 
 
 def field_overrides(settings: AppSettings, values: list) -> list[str]:
-    """key=value overrides for the main fields, each checked against what the pickers offer."""
+    """key=value overrides for the main fields, each checked against what the pickers offer and the inputs' bounds.
+
+    The reward's kwargs are the preset's, merged with the operator's --reward-config for that reward (never the
+    browser's: a reward or captioner may name code, a URL or a key)."""
     model, reward, grammar, algorithm, epochs, lr, steps, batch = values
     from ddpo.config import ALGORITHMS
 
     resolve_model(settings, model)
-    if reward not in reward_choices():
-        raise UIError(f"reward {reward!r} is not one of {', '.join(reward_choices())}")
+    if reward not in reward_choices(settings):
+        raise UIError(f"reward {reward!r} is not one of {', '.join(reward_choices(settings))}")
     if grammar not in grammar_choices():
         raise UIError(f"grammar {grammar!r} is not a built-in grammar")
     if algorithm not in ALGORITHMS:
         raise UIError(f"algorithm {algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+    numbers = [f"train.num_epochs={check_int('epochs', epochs, 1, MAX_EPOCHS)}",
+               f"train.learning_rate={check_float('learning rate', lr, MIN_LR, MAX_LR)}",
+               f"sample.num_steps={check_int('denoising steps', steps, 1, settings.limits.max_steps)}",
+               f"sample.batch_size={check_int('sample batch size', batch, 1, MAX_BATCH)}"]
+    operator = settings.reward_config.get(reward)
     return [f"model.pretrained={model}", f"reward.name={reward}", f"prompts.grammar={grammar}",
-            f"train.algorithm={algorithm}", f"train.num_epochs={int(epochs)}", f"train.learning_rate={float(lr)}",
-            f"sample.num_steps={int(steps)}", f"sample.batch_size={int(batch)}"]
+            f"train.algorithm={algorithm}", *numbers, *([f"reward.kwargs={json.dumps(operator)}"] if operator else [])]
 
 
 def build(settings: AppSettings, manager: TrainingManager) -> None:
@@ -57,13 +67,13 @@ def build(settings: AppSettings, manager: TrainingManager) -> None:
             fields = [
                 gr.Dropdown(model_choices(settings), value=values[0], label="Model",
                             allow_custom_value=True),
-                gr.Dropdown(reward_choices(), value=values[1], label="Reward"),
+                gr.Dropdown(reward_choices(settings), value=values[1], label="Reward"),
                 gr.Dropdown(grammar_choices(), value=values[2], label="Prompt grammar"),
                 gr.Dropdown(list(ALGORITHMS), value=values[3], label="Algorithm"),
-                gr.Number(values[4], label="Epochs", precision=0, minimum=1, maximum=100000),
-                gr.Number(values[5], label="Learning rate", minimum=1e-8, maximum=1.0),
+                gr.Number(values[4], label="Epochs", precision=0, minimum=1, maximum=MAX_EPOCHS),
+                gr.Number(values[5], label="Learning rate", minimum=MIN_LR, maximum=MAX_LR),
                 gr.Slider(1, lim.max_steps, value=values[6], step=1, label="Denoising steps"),
-                gr.Slider(1, 64, value=values[7], step=1, label="Sample batch size"),
+                gr.Slider(1, MAX_BATCH, value=values[7], step=1, label="Sample batch size"),
             ]
             extra = gr.Textbox("", lines=3, label="More overrides (key=value per line)",
                                placeholder="train.clip_range=1e-4\nsample.num_batches_per_epoch=4",

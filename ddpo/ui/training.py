@@ -61,7 +61,7 @@ class TrainingManager:
             if preset not in list_presets():
                 raise UIError(f"preset {preset!r} is not one of {', '.join(list_presets())}")
             name = (run_name or "").strip() or datetime.now().strftime("app-%Y%m%d-%H%M%S")
-            if not RUN_NAME.match(name):
+            if not RUN_NAME.fullmatch(name):
                 raise UIError(f"run name {name!r}: use letters, digits, '.', '_' and '-' (at most 80), "
                               "starting with a letter or digit")
             run_dir = self.settings.runs_dir / name

@@ -7,7 +7,7 @@ import math
 import gradio as gr
 import numpy as np
 
-from ddpo.ui import scoring
+from ddpo.ui import reward_options, scoring
 from ddpo.ui.compare_tab import reward_inputs
 from ddpo.ui.pickers import NO_CHECKPOINT, checkpoint_choices, model_choices, resolve_checkpoint, resolve_model
 from ddpo.ui.settings import AppSettings, UIError
@@ -47,7 +47,7 @@ def build(settings: AppSettings, model: str) -> None:
                                    elem_id="versus-ckpt")
                 refresh = gr.Button("Refresh", scale=1, size="sm")
             gen = generation_inputs(settings, model, "versus")
-            rewards = reward_inputs(model, "versus")
+            rewards = reward_inputs(settings, model, "versus")
             go = gr.Button("Generate both and score", variant="primary", elem_id="versus-go")
         with gr.Column(scale=2):
             with gr.Row():
@@ -59,11 +59,11 @@ def build(settings: AppSettings, model: str) -> None:
     @readable_errors
     def versus(model_label, ckpt_label, source, prompt, grammar, split, n, seed, steps, guidance,
                names, weights, normalize, options, progress=gr.Progress()):
+        jobs = reward_options.reward_jobs(settings.reward_config, names, options, weights, normalize)
         request = check_generation(settings, source, prompt, grammar, split, n, seed, steps, guidance)
         model_name, lora = resolve_model(settings, model_label), resolve_checkpoint(settings, ckpt_label)
         if lora is None:
             raise UIError("choose a finetuned checkpoint to compare with the base model")
-        kwargs, weights = scoring.parse_reward_kwargs(options), scoring.parse_weights(weights)
         seeds = [request.seed + i for i in range(len(request.prompts))]
         galleries, scored = [], []
         for label, which in (("base", None), ("finetuned", lora)):
@@ -72,8 +72,7 @@ def build(settings: AppSettings, model: str) -> None:
             images = scoring.generate(
                 pipe, request.prompts, request.seed, request.steps, request.guidance, eta=1.0,
                 progress=lambda i, t, label=label: progress((i, t), desc=f"generating ({label})", unit="images"))
-            result = scoring.score_images(images, request.prompts, request.metadata, list(names or []), kwargs,
-                                          weights, normalize)
+            result = scoring.score_images(images, request.prompts, request.metadata, jobs)
             scored.append(result)
             galleries.append(list(zip(scoring.to_display(images), scoring.gallery_captions(result, seeds))))
         headers, rows, summary_md = delta_rows(scored[0], scored[1], request.prompts, seeds)

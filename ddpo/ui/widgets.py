@@ -50,14 +50,9 @@ def check_generation(settings: AppSettings, source: str, prompt: str, grammar: s
     steps = check_int("steps", steps, 1, lim.max_steps)
     guidance = check_float("guidance scale", guidance, 1.0, lim.max_guidance)
     if source == FROM_GRAMMAR:
-        from prompts import load_grammar
-
-        if grammar not in grammar_choices():
-            raise UIError(f"grammar {grammar!r} is not a built-in grammar; "
-                          f"choose one of {', '.join(grammar_choices())}")
         if split not in SPLITS:
             raise UIError(f"split {split!r} is not one of {', '.join(SPLITS)}")
-        sampled = load_grammar(grammar).sample(n, seed=seed, split=SPLITS[split])
+        sampled = load_builtin_grammar(grammar).sample(n, seed=seed, split=SPLITS[split])
         return GenerationRequest([p.text for p in sampled], [dict(p.metadata) for p in sampled], seed, steps, guidance)
     prompt = (prompt or "").strip()
     if not prompt:
@@ -65,6 +60,16 @@ def check_generation(settings: AppSettings, source: str, prompt: str, grammar: s
     if len(prompt) > lim.max_prompt_chars:
         raise UIError(f"the prompt has {len(prompt)} characters; the limit is {lim.max_prompt_chars}")
     return GenerationRequest([prompt] * n, [{} for _ in range(n)], seed, steps, guidance)
+
+
+def load_builtin_grammar(name: str | None):
+    """A built-in grammar, read from the package's own file: a name from the browser never becomes a path (a
+    grammar file may name word files, which can be any file the server can read)."""
+    from prompts import GRAMMAR_DIR, load_grammar
+
+    if not isinstance(name, str) or name not in grammar_choices():
+        raise UIError(f"grammar {name!r} is not a built-in grammar; choose one of {', '.join(grammar_choices())}")
+    return load_grammar(GRAMMAR_DIR / f"{name}.yaml")
 
 
 def grammar_choices() -> list[str]:
@@ -76,10 +81,11 @@ def grammar_choices() -> list[str]:
         return []
 
 
-def reward_choices() -> list[str]:
-    from rewards import list_rewards
+def reward_choices(settings: AppSettings) -> list[str]:
+    """The rewards a browser may pick: registered ones, `remote` only when the operator configured it."""
+    from ddpo.ui.reward_options import offered_rewards
 
-    return [name for name in list_rewards() if name not in ("compose", "remote")]
+    return offered_rewards(settings.reward_config)
 
 
 def default_sampling(model: str) -> tuple[int, float]:
