@@ -235,3 +235,56 @@ def test_long_prompts_are_reported_not_cut():
         assert check_prompt_lengths([short], CharTokenizer()) == []
     with pytest.raises(ValueError, match="max_length"):
         check_prompt_lengths([short], object())
+
+
+def _chain(tmp_path: Path, name: str, n: int, template: str) -> Path:
+    """rules d0 .. d{n}: each d{i} expands `template` with {next} = {d{i+1}}; d{n} is a word."""
+    lines = ["rules:", "  prompt: '{d0}'"]
+    lines += [f"  d{i}: '{template.format(next='{d%d}' % (i + 1))}'" for i in range(n)]
+    path = tmp_path / name
+    path.write_text("\n".join(lines + [f"  d{n}: word", ""]))
+    return path
+
+
+def test_a_rule_that_doubles_41_times_is_refused_at_load_naming_the_rule(tmp_path):
+    # dN: "{dN+1} {dN+1}" is a valid grammar whose only prompt has 2**41 words; d30's text is the first past 10000
+    # characters (d41 = "word", 4 characters; each level doubles and adds a space: 5 * 2**11 - 1 = 10239).
+    path = _chain(tmp_path, "double.yaml", 41, "{next} {next}")
+    with pytest.raises(GrammarError) as info:
+        load_grammar(path)
+    assert (info.value.file, info.value.line, info.value.name) == (str(path), 33, "d30")
+    assert "can expand to 1.02e+04 characters in one prompt; the limit is 10000" in info.value.message
+    assert load_grammar(_chain(tmp_path, "ok.yaml", 10, "{next} {next}")).sample(1, seed=0)[0].text.count("word") == 1024
+
+
+def test_a_2000_rule_chain_is_a_grammar_error_not_a_recursion_error(tmp_path):
+    path = _chain(tmp_path, "chain.yaml", 2000, "x {next}")
+    with pytest.raises(GrammarError) as info:
+        load_grammar(path)
+    assert info.value.name == "d1800" and "can go 201 rules deep; the limit is 200" in info.value.message
+    assert len(load_grammar(_chain(tmp_path, "short.yaml", 150, "x {next}")).sample(1, seed=0)[0].text.split()) == 151
+
+
+def test_ddpo_prompts_check_refuses_the_doubling_grammar(tmp_path, capsys):
+    from ddpo.cli import main
+
+    path = _chain(tmp_path, "double.yaml", 41, "{next} {next}")
+    assert main(["prompts", "check", str(path)]) == 1
+    assert "'d30': this rule can expand to" in capsys.readouterr().err
+
+
+def test_sampling_a_recursive_grammar_stops_at_the_size_limits(tmp_path, monkeypatch):
+    import prompts.grammar
+
+    # Each use of `l` doubles with probability 1/3 (on average 0.67 uses per use: it passes the load check), and
+    # `w` is 4000 characters: three copies are past the limit.
+    wide = write(tmp_path, "rules:\n  prompt: '{l}'\n  l:\n    - '{w}'\n    - {text: '{l} {l}', weight: 0.5}\n"
+                           f"  w: [{'x' * 4000}]\n", "wide.yaml")
+    with pytest.raises(GrammarError, match=r"'l': a derivation produced 12002 characters, more than the 10000"):
+        load_grammar(wide).sample(20, seed=0)
+    many = write(tmp_path, "rules:\n  prompt: '{l}'\n  l:\n    - a\n    - {text: '{l}{l}{l}{l}', weight: 0.3}\n", "many.yaml")
+    grammar = load_grammar(many)
+    sizes = [len(p.text) for p in grammar.sample(200, seed=0)]
+    monkeypatch.setattr(prompts.grammar, "MAX_RULE_USES", max(sizes))  # below the largest draw's rule uses
+    with pytest.raises(GrammarError, match=rf"a derivation used more than {max(sizes)} rules"):
+        grammar.sample(200, seed=0)
