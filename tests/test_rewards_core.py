@@ -93,8 +93,9 @@ def test_image_conversion_and_refusals():
     rgb = to_pil([gray, rgba])
     assert [im.mode for im in rgb] == ["RGB", "RGB"]
     assert rgb[0].getpixel((0, 0)) == (128, 128, 128) and rgb[1].getpixel((0, 0)) == (255, 255, 255)
-    with pytest.raises(ValueError, match="mode 'I;16'"):
-        to_pil([Image.new("I;16", (4, 4))])
+    for mode in ("I", "F"):  # 32-bit integer and float: no defined range
+        with pytest.raises(ValueError, match=f"image 1 has PIL mode '{mode}'"):
+            to_pil([gray, Image.new(mode, (4, 4))])
     with pytest.raises(ValueError, match=r"\[-1, 1\]\? pass \(images \+ 1\) / 2"):
         check_tensor(torch.rand(2, 3, 8, 8) * 2 - 1)
     with pytest.raises(ValueError, match="channels-last"):
@@ -107,6 +108,22 @@ def test_image_conversion_and_refusals():
     gray_tensor = check_tensor(torch.full((1, 1, 5, 7), 0.5))
     assert gray_tensor.shape == (1, 3, 5, 7)
     assert check_tensor(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)).max().item() == 1.0
+
+
+def test_sixteen_bit_palette_and_transparency_conversions():
+    sixteen = Image.fromarray(np.array([[0, 257, 32896, 65535, 65534, 128]], dtype=np.uint16))
+    assert sixteen.mode == "I;16"  # what a 16-bit grayscale PNG opens as: scaled, not clipped at 255
+    assert np.array(to_pil([sixteen])[0])[0, :, 0].tolist() == [0, 1, 128, 255, 255, 0]
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([255, 0, 0, 0, 0, 255])
+    palette.putpixel((1, 0), 1)
+    palette.info["transparency"] = 0  # index 0 transparent -> white, index 1 opaque blue
+    assert np.array(to_pil([palette])[0]).tolist() == [[[255, 255, 255], [0, 0, 255]]]
+    half = Image.new("LA", (1, 1), (0, 128))  # black at alpha 128/255 on white
+    assert to_pil([half])[0].getpixel((0, 0)) == (127, 127, 127)
+    keyed = Image.new("RGB", (1, 1), (10, 20, 30))
+    keyed.info["transparency"] = (10, 20, 30)  # a PNG tRNS colour key
+    assert to_pil([keyed])[0].getpixel((0, 0)) == (255, 255, 255)
 
 
 def test_nan_scores_get_a_reason_naming_the_prompt():
