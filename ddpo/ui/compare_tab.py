@@ -47,7 +47,7 @@ def results(scored: scoring.Scored, images, prompts: list[str], seeds: list) -> 
 
 
 def load_uploads(files: list | None, max_images: int) -> list:
-    from PIL import Image
+    from rewards.images import open_image
 
     if not files:
         raise UIError("upload at least one image (PNG, JPEG, WebP)")
@@ -56,12 +56,10 @@ def load_uploads(files: list | None, max_images: int) -> list:
     images = []
     for f in files:
         path = Path(f if isinstance(f, str) else f.name)
-        try:
-            with Image.open(path) as image:
-                if max(image.size) > UPLOAD_MAX_SIDE:
-                    raise UIError(f"{path.name} is {image.width}x{image.height}; the largest side allowed is "
-                                  f"{UPLOAD_MAX_SIDE} px")
-                images.append(image.convert("RGB"))
+        try:  # the decoder of ddpo score and the reward server: PNG/JPEG/WebP only, size checked before decoding
+            images.append(open_image(path, path.name, max_side=UPLOAD_MAX_SIDE))
+        except ValueError as err:
+            raise UIError(str(err)) from None
         except OSError as err:
             raise UIError(f"{path.name} is not a readable image ({err})") from None
     return images
