@@ -163,7 +163,7 @@ def test_cli_reports_bad_input_clearly(capsys, tmp_path):
     assert main(["train", "--env", "CartPole-v9", "--method", "dsrl_na", "--runs-dir", str(tmp_path)]) == 2
     assert "unknown environment id 'CartPole-v9'" in capsys.readouterr().err
     assert main(["train", "--env", "Pendulum-v1", "--method", "dsrl_sac", "--noise-bound", "0", "--runs-dir", str(tmp_path)]) == 2
-    assert "--noise-bound must be > 0" in capsys.readouterr().err
+    assert "--noise-bound must be a finite number > 0" in capsys.readouterr().err
     assert main(["train", "--env", "Reacher-v5", "--method", "dsrl_sac", "--policy",
                  str(__import__("ddpo.steering.base", fromlist=["x"]).pretrained_path("Pendulum-v1")),
                  "--runs-dir", str(tmp_path)]) == 2

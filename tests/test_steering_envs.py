@@ -57,9 +57,9 @@ def test_episode_end_inside_a_chunk_counts_only_executed_steps():
     assert (decisions, env.env_steps, len(env.episode_returns)) == (13, 50, 1)
 
 
-@pytest.mark.parametrize("bound", [0.0, -1.0])
-def test_non_positive_noise_bound_is_rejected(pendulum_policy, bound):
-    with pytest.raises(ValueError, match="noise_bound must be > 0"):
+@pytest.mark.parametrize("bound", [0.0, -1.0, float("inf"), float("nan")])
+def test_non_positive_or_infinite_noise_bound_is_rejected(pendulum_policy, bound):
+    with pytest.raises(ValueError, match="noise_bound must be a finite number > 0"):
         NoiseActionEnv(make_env("Pendulum-v1"), pendulum_policy, noise_bound=bound)
 
 

@@ -132,6 +132,8 @@ def train(config: TrainConfig, run_dir: str | Path) -> Path:
     make_env(config.env_id)  # unknown ids and mismatched policies fail here, before anything is written
     if config.method != "sac_scratch":
         load_base_policy(config.env_id, config.policy)
+    if config.method != "dsrl_na":
+        import stable_baselines3  # noqa: F401  (a missing extra fails here, before the folder is written)
     run_dir = Path(run_dir)
     checkpoint = run_dir / "checkpoint"
     saved_config = run_dir / "config.json"
