@@ -13,6 +13,16 @@ policy is the DDIM posterior pi(x_{t-1} | x_t) = N(mu_t, sigma_t^2 I) with eta >
 | `pred_epsilon`         | epsilon_theta(x_t, t)                          |
 | `std_dev_t`            | sigma_t(eta) = eta * sqrt(variance(t, t_prev)) |
 | `prev_sample_mean`     | mu_t, the posterior mean                       |
+
+A step whose previous cumulative alpha is 1 has sigma_t = 0 for any eta: with `set_alpha_to_one=True` (the default
+of the Euler, DPM-Solver and PNDM configs that `DDIMScheduler.from_config` converts) the final step jumps to
+alpha_{t-1} = final_alpha_cumprod = 1, where the DDIM posterior q(x_{t-1} | x_t, x_0) is the point mass at the
+predicted x_0 (variance (1 - alpha_{t-1}) / (1 - alpha_t) * (1 - alpha_t / alpha_{t-1}) = 0). Such a step is a
+deterministic function of the state, not a decision of the policy: it has no density, and no log-probability
+belongs in the policy gradient for it. So `step_log_prob` gives it log-prob 0 (a ratio of exactly 1) instead of
+the 0/0 = NaN of the Gaussian formula, and the update (ddpo/update.py) does not train on it. Flooring sigma
+instead would be wrong: x_{t-1} was taken with sigma = 0, so under a floor eps any change of the mean would score
+-(delta mu)^2 / (2 eps^2), a gradient as large as 1/eps^2.
 """
 
 from __future__ import annotations
@@ -30,22 +40,41 @@ def _gather(values: torch.Tensor, index: torch.Tensor, fallback: torch.Tensor, n
     return gathered.reshape(-1, *([1] * (ndim - 1)))
 
 
-def ddim_step_mean_std(scheduler, model_output: torch.Tensor, timestep: int | torch.Tensor,
-                       sample: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The DDIM posterior N(mu, std^2): mean (B, C, h, w) and std (B, 1, 1, 1), computed in float32."""
+def _alpha_prods(scheduler, timestep: int | torch.Tensor, batch: int, ndim: int, device: torch.device,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha_t and alpha_{t-1} (cumulative), each (B, 1, ..., 1) float32; alpha_{t-1} of the last step is
+    `final_alpha_cumprod` (1 with set_alpha_to_one)."""
     if scheduler.num_inference_steps is None:
         raise ValueError("the scheduler has no timesteps yet: call scheduler.set_timesteps(num_steps) first")
-    cfg = scheduler.config
-    sample, model_output = sample.float(), model_output.float()
-    device, batch = sample.device, sample.shape[0]
     t = torch.as_tensor(timestep, device=device, dtype=torch.long).reshape(-1).expand(batch)
-    t_prev = t - cfg.num_train_timesteps // scheduler.num_inference_steps
-
+    t_prev = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
     final = torch.as_tensor(scheduler.final_alpha_cumprod, device=device, dtype=torch.float32)
-    alpha_prod_t = _gather(alphas_cumprod, t, final, sample.ndim)
-    alpha_prod_t_prev = _gather(alphas_cumprod, t_prev, final, sample.ndim)
-    beta_prod_t, beta_prod_t_prev = 1 - alpha_prod_t, 1 - alpha_prod_t_prev
+    return _gather(alphas_cumprod, t, final, ndim), _gather(alphas_cumprod, t_prev, final, ndim)
+
+
+def _std(alpha_prod_t: torch.Tensor, alpha_prod_t_prev: torch.Tensor, eta: float) -> torch.Tensor:
+    """sigma_t(eta) (Song et al. 2021, eq. 16); exactly 0 where alpha_{t-1} = 1 (a deterministic step)."""
+    variance = ((1 - alpha_prod_t_prev) / (1 - alpha_prod_t)) * (1 - alpha_prod_t / alpha_prod_t_prev)
+    return eta * variance.clamp(min=0).sqrt()
+
+
+def step_std(scheduler, timesteps: torch.Tensor, eta: float) -> torch.Tensor:
+    """sigma_t (T,) float32 of each step of `timesteps` (T,); 0 marks a deterministic step (no log-probability)."""
+    timesteps = torch.as_tensor(timesteps)
+    alpha_prod_t, alpha_prod_t_prev = _alpha_prods(scheduler, timesteps, len(timesteps), 1, timesteps.device)
+    return _std(alpha_prod_t, alpha_prod_t_prev, eta)
+
+
+def ddim_step_mean_std(scheduler, model_output: torch.Tensor, timestep: int | torch.Tensor,
+                       sample: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DDIM posterior N(mu, std^2): mean (B, C, h, w) and std (B, 1, 1, 1), computed in float32.
+
+    std is 0 at a deterministic step (see the module docstring)."""
+    cfg = scheduler.config
+    sample, model_output = sample.float(), model_output.float()
+    alpha_prod_t, alpha_prod_t_prev = _alpha_prods(scheduler, timestep, sample.shape[0], sample.ndim, sample.device)
+    beta_prod_t = 1 - alpha_prod_t
 
     if cfg.prediction_type == "epsilon":
         pred_original_sample = (sample - beta_prod_t.sqrt() * model_output) / alpha_prod_t.sqrt()
@@ -64,8 +93,7 @@ def ddim_step_mean_std(scheduler, model_output: torch.Tensor, timestep: int | to
     elif cfg.clip_sample:
         pred_original_sample = pred_original_sample.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
 
-    variance = (beta_prod_t_prev / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
-    std_dev_t = eta * variance.clamp(min=0).sqrt()
+    std_dev_t = _std(alpha_prod_t, alpha_prod_t_prev, eta)
     pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t**2).clamp(min=0).sqrt() * pred_epsilon
     prev_sample_mean = alpha_prod_t_prev.sqrt() * pred_original_sample + pred_sample_direction
     return prev_sample_mean, std_dev_t
@@ -112,7 +140,13 @@ def step_log_prob(prev_sample: torch.Tensor, mean: torch.Tensor, std: torch.Tens
     """log N(prev_sample; mean, std^2) (B,), the MEAN over non-batch dimensions (see ddim_step_with_logprob).
 
     prev_sample, mean: (B, C, h, w); std: (B, 1, 1, 1), as ddim_step_mean_std returns them. No gradient flows
-    into prev_sample (an action already taken).
+    into prev_sample (an action already taken). Where std is 0 (a deterministic step) the result is 0 with zero
+    gradient: such a step has no density (see the module docstring).
     """
-    log_prob = (-((prev_sample.detach().float() - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI)
+    stochastic = std > 0
+    # Evaluate the Gaussian with std 1 where std is 0 and mask it after: torch.where alone would still carry the
+    # NaN of 0/0 into the gradient.
+    safe_std = torch.where(stochastic, std, torch.ones_like(std))
+    log_prob = (-((prev_sample.detach().float() - mean) ** 2) / (2 * safe_std**2) - torch.log(safe_std) - _LOG_SQRT_2PI)
+    log_prob = torch.where(stochastic, log_prob, torch.zeros_like(log_prob))
     return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))

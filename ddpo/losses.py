@@ -20,6 +20,10 @@ from typing import NamedTuple
 import torch
 
 
+class NonFiniteError(RuntimeError):
+    """Training diverged: a loss, gradient, sampled latent or weight is NaN/inf. The message names the likely cause."""
+
+
 class LossStats(NamedTuple):
     approx_kl: torch.Tensor  # 0.5 * E[(log_prob - old_log_prob)^2], a KL(old || new) estimate
     clipfrac: torch.Tensor  # fraction of samples whose ratio left [1 - clip_range, 1 + clip_range]
@@ -53,8 +57,12 @@ def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -
 
     mean, ref_mean: (B, C, h, w); std: (B, 1, 1, 1), the same for both policies (it depends only on t and eta).
     Returns (B,): ||mean - ref_mean||^2 / (2 std^2) / (C h w). The penalty `train.kl_coef` multiplies it.
+    A step with std 0 is deterministic, not a policy decision (ddpo/logprob.py): its KL term is 0, not 0/0.
     """
-    per_dim = (mean.float() - ref_mean.float()) ** 2 / (2 * std.float() ** 2)
+    std = std.float()
+    stochastic = std > 0
+    safe_std = torch.where(stochastic, std, torch.ones_like(std))  # no NaN in the gradient of the masked branch
+    per_dim = torch.where(stochastic, (mean.float() - ref_mean.float()) ** 2 / (2 * safe_std**2), 0.0)
     return per_dim.mean(dim=tuple(range(1, per_dim.ndim)))
 
 

@@ -14,12 +14,22 @@ REQUIRED_KEYS = ("epoch", "reward_mean", "reward_std", "loss", "approx_kl", "cli
                  "samples_per_s", "sample_s", "reward_s", "train_s")
 
 
+# JSON has no NaN or infinity. They are written as these strings, so that a NaN loss is not mistaken for the
+# `null` of "not applicable" (approx_kl of RWR, reward_mean of an epoch whose rewards were all skipped).
+NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
 def _clean(value: Any) -> Any:
     if isinstance(value, (np.floating, np.integer)):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
-        return None
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     return value
+
+
+def _decode(row: dict[str, Any]) -> dict[str, Any]:
+    """A metrics row with the strings of non-finite values back as floats."""
+    return {k: NONFINITE[v] if isinstance(v, str) and v in NONFINITE else v for k, v in row.items()}
 
 
 def append_metrics(path: Path, row: dict[str, Any]) -> None:
@@ -41,7 +51,8 @@ def truncate_metrics(path: Path, last_epoch: int) -> None:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a metrics.jsonl, with "nan", "inf" and "-inf" read back as floats."""
+    return [_decode(json.loads(line)) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def epoch_line(row: dict[str, Any], num_epochs: int) -> str:
@@ -55,6 +66,8 @@ def epoch_line(row: dict[str, Any], num_epochs: int) -> str:
             f"{row['reward_s']:.1f}s, train {row['train_s']:.1f}s)")
     if row.get("kl_ref") is not None:
         line += f"  kl to pretrained {row['kl_ref']:.2e}"
+    if row.get("nonfinite_steps"):
+        line += f"  {row['nonfinite_steps']} non-finite step(s) skipped"
     if row.get("eval_reward_mean") is not None:
         line += f"  eval reward {row['eval_reward_mean']:.4f}"
     return line

@@ -83,7 +83,9 @@ def prepare_unet(unet: Any, *, use_lora: bool, rank: int, alpha: int, target_mod
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=target_modules))
     trainable = [p for p in unet.parameters() if p.requires_grad]
     if not trainable:
-        raise ValueError(f"model.lora_target_modules={target_modules} matched no module of the UNet; "
+        from ddpo.config import ConfigError
+
+        raise ConfigError(f"model.lora_target_modules={target_modules} matched no module of the UNet; "
                          "Stable Diffusion's attention projections are to_q, to_k, to_v, to_out.0")
     return trainable
 
@@ -128,4 +130,6 @@ def load_trained_weights(unet: Any, folder: Path, use_lora: bool) -> None:
     state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()})
     result = set_peft_model_state_dict(unet, state, adapter_name="default")
     if getattr(result, "unexpected_keys", None):
-        raise ValueError(f"{folder}: LoRA weights have keys this UNet does not: {result.unexpected_keys[:3]}...")
+        from ddpo.checkpoint import CheckpointError
+
+        raise CheckpointError(f"{folder}: LoRA weights have keys this UNet does not: {result.unexpected_keys[:3]}...")

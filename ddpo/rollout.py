@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ddpo.reward_pool import RewardError, RewardPool, check_finite
+from ddpo.losses import NonFiniteError
+from ddpo.reward_pool import RewardPool, check_finite
 from ddpo.sampler import Trajectories, encode_prompts, sample_trajectories
 
 
@@ -69,13 +70,14 @@ def collect_rollout(pipe, unet, grammar, reward_pool: RewardPool, config, epoch:
             trajectories = sample_trajectories(
                 pipe, unet, encode_prompts(pipe, batch_texts, device), negative.expand(s.batch_size, -1, -1),
                 num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta, generator=generator)
+        check_finite_latents(trajectories, epoch)
         futures.append(reward_pool.submit(trajectories.images, batch_texts, batch_meta))
         batches.append(trajectories)
         texts += batch_texts
         metadata += batch_meta
         indices += range(global_batch * s.batch_size, (global_batch + 1) * s.batch_size)
     sample_s = time.perf_counter() - start
-    results = [_result(f) for f in futures]  # a RewardError raised by the reward surfaces here
+    results = [reward_pool.result(f) for f in futures]  # a RewardError raised by the reward surfaces here
     reward_s = time.perf_counter() - start - sample_s
     rewards = np.concatenate([r.scores for r in results])
     info = {k: sum((r.info.get(k, [None] * len(r.scores)) for r in results), []) for k in results[0].info}
@@ -84,15 +86,14 @@ def collect_rollout(pipe, unet, grammar, reward_pool: RewardPool, config, epoch:
                    sample_s, reward_s)
 
 
-def _result(future):
-    from concurrent.futures.process import BrokenProcessPool
-
-    try:
-        return future.result()
-    except BrokenProcessPool:
-        raise RewardError("the reward worker process died (out of memory, killed, or it could not start). A script "
-                          "that calls ddpo.trainer.train must guard its code with `if __name__ == '__main__':` "
-                          "because the worker is spawned; or set reward.executor=inline") from None
+def check_finite_latents(trajectories: Trajectories, epoch: int | None) -> None:
+    """Refuse NaN/inf latents before their images reach the reward (which would otherwise be blamed for them)."""
+    bad = int((~torch.isfinite(trajectories.latents.flatten(1)).all(dim=1)).sum())
+    if bad:
+        when = f"in epoch {epoch}" if epoch is not None else "in the evaluation"
+        raise NonFiniteError(f"{bad} of {len(trajectories.latents)} trajectories sampled {when} hold NaN/inf latents: "
+                             "the policy's weights are broken (most often train.learning_rate is too high; the default "
+                             "is 3e-4). Resume from an earlier checkpoint with a lower train.learning_rate.")
 
 
 @torch.no_grad()
@@ -115,5 +116,6 @@ def evaluate(pipe, unet, grammar, reward_pool: RewardPool, config, process_index
         trajectories = sample_trajectories(pipe, unet, encode_prompts(pipe, texts, device), negative,
                                            num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=0.0,
                                            generator=generator)
-    result = _result(reward_pool.submit(trajectories.images, texts, [dict(prompts[i].metadata) for i in mine]))
+    check_finite_latents(trajectories, None)
+    result = reward_pool.result(reward_pool.submit(trajectories.images, texts, [dict(prompts[i].metadata) for i in mine]))
     return Evaluation(texts, trajectories.images, result.scores)

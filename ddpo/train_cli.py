@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 
@@ -50,17 +51,71 @@ def main(argv: list[str]) -> int:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False))
         return 0
     from ddpo.checkpoint import CheckpointError
+    from ddpo.losses import NonFiniteError
     from ddpo.pipeline import ModelLoadError
     from ddpo.reward_pool import RewardError
-    from ddpo.trainer import train
+    from ddpo.trainer import MissingExtraError, train
+    from prompts import GrammarError
 
+    # The project's own errors print one line; anything else is a bug and keeps its traceback.
+    expected = (ConfigError, GrammarError, CheckpointError, ModelLoadError, RewardError, NonFiniteError,
+                MissingExtraError, FileExistsError)
     try:
-        run_dir = train(config, resume=args.resume)
-    except (CheckpointError, ModelLoadError, RewardError, FileExistsError, ValueError, ImportError) as err:
+        with _stop_on_signals():
+            run_dir = train(config, resume=args.resume)
+    except expected as err:
         print(f"ddpo train: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as err:
+        return _interrupted(err)
     print(f"done: {run_dir}")
     return 0
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """SIGINT and SIGTERM raise TrainingInterrupted, so the run cleans up (stops the reward worker) and exits
+    130 or 143. A second signal during that cleanup exits at once."""
+    import os
+    import signal
+    import threading
+
+    from ddpo.trainer import TrainingInterrupted
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda second, _: os._exit(128 + second))
+        raise TrainingInterrupted(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _interrupted(err: KeyboardInterrupt) -> int:
+    """One line on what is left, and the exit status of a process stopped by that signal (128 + signum)."""
+    import signal
+
+    from ddpo.checkpoint import list_checkpoints
+
+    signum = getattr(err, "signum", signal.SIGINT)
+    run_dir = getattr(err, "run_dir", None)
+    saved = list_checkpoints(run_dir) if run_dir is not None else []
+    if run_dir is None:
+        where = "training had not started"
+    elif saved:
+        where = f"{saved[-1]} is the newest checkpoint; continue with `ddpo train --resume {run_dir}`"
+    else:
+        where = f"no checkpoint of {run_dir} had been written"
+    print(f"ddpo train: stopped by {signal.Signals(signum).name}; {where}", file=sys.stderr)
+    return 128 + signum
 
 
 def _resume_config(resume: str, config_arg: str | None, overrides: list[str]):

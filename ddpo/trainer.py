@@ -3,11 +3,18 @@
 Per epoch: prompts -> trajectories (ddpo/rollout.py) -> rewards (overlapped) -> advantages
 (ddpo/advantages.py) -> policy update (ddpo/update.py) -> metrics and a checkpoint. This is the only
 module of the trainer that knows about accelerate, trackers and the filesystem.
+
+Nothing broken is saved: a checkpoint is written only when every trained weight and optimizer moment is finite,
+and a SIGINT/SIGTERM that arrives while one is written waits until it is complete. On SIGINT (or SIGTERM under
+`ddpo train`) `train` stops the reward worker and raises `TrainingInterrupted`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -18,7 +25,8 @@ import torch
 
 from ddpo import checkpoint as ckpt
 from ddpo.advantages import PerPromptStatTracker, batch_advantages
-from ddpo.config import Config, save_config
+from ddpo.config import Config, ConfigError, config_from_file, save_config
+from ddpo.losses import NonFiniteError
 from ddpo.metrics import append_metrics, epoch_line, save_grid, truncate_metrics
 from ddpo.pipeline import load_pipeline, load_trained_weights, prepare_unet, save_trained_weights
 from ddpo.reward_pool import RewardPool
@@ -26,6 +34,18 @@ from ddpo.rollout import Rollout, collect_rollout, evaluate
 from ddpo.update import epoch_weights, policy_update
 
 logger = logging.getLogger("ddpo")
+
+
+class MissingExtraError(ImportError):
+    """An optional package that the config asks for is not installed; the message says what to install."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped `train`. The reward worker is stopped; checkpoints written before are intact."""
+
+    def __init__(self, signum: int = signal.SIGINT, run_dir: Path | None = None):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.run_dir = int(signum), run_dir
 
 
 def make_accelerator(config: Config, run_dir: Path):
@@ -81,7 +101,7 @@ def make_optimizer(config: Config, params: list) -> torch.optim.Optimizer:
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise ImportError("train.use_8bit_adam=true needs bitsandbytes: pip install bitsandbytes "
+            raise MissingExtraError("train.use_8bit_adam=true needs bitsandbytes: pip install bitsandbytes "
                               "(or pip install 'ddpo[bnb]')") from None
         optimizer_cls = bnb.optim.AdamW8bit
     return optimizer_cls(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
@@ -130,7 +150,7 @@ def train(config: Config, resume: str | None = None) -> Path:
     _check_trackers(config)
     accelerator = make_accelerator(config, run_dir)
     is_main, progress = accelerator.is_main_process, config.logging.progress and accelerator.is_main_process
-    reward_pool = RewardPool(config.reward.name, config.reward.kwargs, config.reward.executor)
+    reward_pool = RewardPool(config.reward.name, config.reward.kwargs, config.reward.executor, config.reward.timeout_s)
     try:
         pipe, params = build_policy(config, accelerator.device)
         _warn_long_prompts(grammar, config, pipe.tokenizer)
@@ -157,8 +177,10 @@ def train(config: Config, resume: str | None = None) -> Path:
                 accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch)
                 print(epoch_line(row, config.train.num_epochs), flush=True)
             if (epoch + 1) % config.logging.save_every == 0 or epoch + 1 == config.train.num_epochs:
-                _save(run_dir, epoch, accelerator, unet, optimizer, tracker, config)
+                _save(run_dir, epoch, accelerator, unet, optimizer, params, tracker, config)
         accelerator.end_training()
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM where `ddpo train` turned it into TrainingInterrupted
+        raise TrainingInterrupted(getattr(err, "signum", signal.SIGINT), run_dir) from None
     finally:
         reward_pool.close()
         # accelerate keeps mixed precision in a process-wide singleton; forget it so that a later train() in
@@ -173,7 +195,7 @@ def _check_trackers(config: Config) -> None:
     import importlib.util
 
     if config.logging.wandb and importlib.util.find_spec("wandb") is None:
-        raise ImportError("logging.wandb=true needs wandb: pip install wandb (or pip install 'ddpo[wandb]'), "
+        raise MissingExtraError("logging.wandb=true needs wandb: pip install wandb (or pip install 'ddpo[wandb]'), "
                           "or set logging.wandb=false")
 
 
@@ -182,7 +204,7 @@ def _check_splits(grammar, config: Config) -> None:
     used = [("prompts.split", p.split)] + ([("prompts.eval_split", p.eval_split)] if p.eval_every else [])
     for key, split in used:
         if split == "heldout" and not grammar.has_heldout:
-            raise ValueError(f"{key}=heldout but grammar {grammar.name!r} defines no held-out split; add a heldout: "
+            raise ConfigError(f"{key}=heldout but grammar {grammar.name!r} defines no held-out split; add a heldout: "
                              f"section to it (see docs/prompts.md) or set {key}=all")
 
 
@@ -242,30 +264,92 @@ def _save_grid(rollout: Rollout, path: Path, max_images: int = 16) -> None:
     save_grid(images, captions, path)
 
 
-def _save(run_dir, epoch, accelerator, unet, optimizer, tracker, config) -> None:
-    """Every process enters (the reference DDPO hung when only one did); the main process writes."""
+def _save(run_dir, epoch, accelerator, unet, optimizer, params, tracker, config) -> None:
+    """Every process enters (the reference DDPO hung when only one did); the main process writes.
+
+    Every process checks the weights first (they are identical on all), so a refusal raises everywhere."""
     accelerator.wait_for_everyone()
+    _check_finite_state(params, optimizer, epoch)
     if accelerator.is_main_process:
         state = {"epoch": epoch, "num_processes": accelerator.num_processes, "rng": ckpt.rng_state(),
                  "stat_tracker": tracker.state_dict() if tracker is not None else None}
         policy = accelerator.unwrap_model(unet)
-        ckpt.write_checkpoint(run_dir, epoch,
-                              weights_writer=lambda folder: save_trained_weights(policy, folder, config.model.use_lora),
-                              optimizer_state=optimizer.state_dict(), trainer_state=state, config=config,
-                              keep_last=config.logging.keep_last)
+        with _signals_deferred():
+            ckpt.write_checkpoint(run_dir, epoch,
+                                  weights_writer=lambda folder: save_trained_weights(policy, folder,
+                                                                                     config.model.use_lora),
+                                  optimizer_state=optimizer.state_dict(), trainer_state=state, config=config,
+                                  keep_last=config.logging.keep_last)
     accelerator.wait_for_everyone()
 
 
+def _check_finite_state(params: list, optimizer, epoch: int) -> None:
+    """Refuse to save NaN/inf trained weights or optimizer moments (resuming from them could never recover)."""
+    bad = sum(not bool(torch.isfinite(p.detach()).all()) for p in params)
+    moments = [v for state in optimizer.state.values() for v in state.values()
+               if torch.is_tensor(v) and v.is_floating_point()]
+    bad_moments = sum(not bool(torch.isfinite(v).all()) for v in moments)
+    if bad or bad_moments:
+        raise NonFiniteError(f"not saving epoch {epoch}'s checkpoint: {bad} of {len(params)} trained weight tensors "
+                             f"and {bad_moments} of {len(moments)} optimizer tensors hold NaN/inf (earlier checkpoints "
+                             "are intact). Training diverged: lower train.learning_rate and resume from the last "
+                             "checkpoint.")
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """SIGINT and SIGTERM received in the block take effect when it ends, so a checkpoint is never cut short.
+
+    (Writes are atomic anyway; this keeps the newest finished epoch.) Only the main thread can set handlers."""
+    signals = [sig for sig in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(sig) is not None]
+    if threading.current_thread() is not threading.main_thread():
+        signals = []
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if received:
+            signal.raise_signal(received[0])  # handled now as it would have been
+
+
 def _restore(folder: Path, accelerator, unet, optimizer, tracker, config) -> int:
-    """Load a verified checkpoint into the prepared model and optimizer; returns the epoch to start at."""
+    """Load a verified checkpoint into the prepared model and optimizer; returns the epoch to start at.
+
+    The optimizer's hyperparameters and the stat tracker's sizes come from `config`, not the checkpoint:
+    `--resume RUN train.learning_rate=X` trains at X, as the run's config.yaml then says."""
+    _check_resumable(folder, config)
     state = ckpt.read_trainer_state(folder)
     load_trained_weights(accelerator.unwrap_model(unet), folder, config.model.use_lora)
     optimizer.load_state_dict(ckpt.read_optimizer_state(folder))
+    _apply_optimizer_settings(optimizer, config)
     if tracker is not None and state.get("stat_tracker"):
-        tracker.load_state_dict(state["stat_tracker"])
+        # The saved buffers with this config's sizes (a smaller buffer keeps each prompt's newest rewards).
+        tracker.load_state_dict({**state["stat_tracker"], "buffer_size": tracker.buffer_size,
+                                 "min_count": tracker.min_count})
     ckpt.set_rng_state(state["rng"])
     logger.info("resumed from %s (epoch %d done)", folder, state["epoch"])
     return state["epoch"] + 1
+
+
+def _check_resumable(folder: Path, config: Config) -> None:
+    """Refuse what a resume cannot apply: the optimizer state of AdamW and 8-bit AdamW do not convert."""
+    saved = config_from_file(folder / "config.yaml").train.use_8bit_adam
+    if saved != config.train.use_8bit_adam:
+        raise ConfigError(f"train.use_8bit_adam={config.train.use_8bit_adam} but checkpoint {folder} was trained with "
+                          f"train.use_8bit_adam={saved}: its optimizer state does not convert; resume with the same "
+                          "value")
+
+
+def _apply_optimizer_settings(optimizer, config: Config) -> None:
+    """Set learning rate, betas, weight decay and epsilon of every parameter group from `config`."""
+    t = config.train
+    settings = {"lr": t.learning_rate, "betas": (t.adam_beta1, t.adam_beta2), "weight_decay": t.adam_weight_decay,
+                "eps": t.adam_epsilon}
+    for group in optimizer.param_groups:
+        group.update({key: value for key, value in settings.items() if key in group})
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:

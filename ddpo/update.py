@@ -4,20 +4,29 @@ DDPO (ddpo_is, ddpo_sf) recomputes log p_theta(x_{t-1} | x_t, c) at the sampled 
 RWR (rwr, rwr_sparse) regresses the noise of the final samples x_0 at random diffusion times, weighted by
 reward. Gradients accumulate over `timestep_fraction * T` timesteps and `gradient_accumulation_steps`
 micro-batches before each optimizer step; DDP synchronises them only on the last backward of a step.
+
+Every optimizer step first checks that its losses and gradient norm are finite (all processes agree): a
+non-finite step raises `NonFiniteError` naming the likely cause (train.on_nonfinite=error), or is dropped with the
+weights untouched and counted (train.on_nonfinite=skip). Deterministic steps (std 0, see ddpo/logprob.py) have
+no log-probability and are not trained on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ddpo.logprob import ddim_step_mean_std, step_log_prob
-from ddpo.losses import ddpo_is_loss, ddpo_sf_loss, gaussian_kl, rwr_loss, rwr_sparse_weights, rwr_weights
+from ddpo.logprob import ddim_step_mean_std, step_log_prob, step_std
+from ddpo.losses import (NonFiniteError, ddpo_is_loss, ddpo_sf_loss, gaussian_kl, rwr_loss, rwr_sparse_weights,
+                         rwr_weights)
 from ddpo.rollout import Rollout, derive_seed
 from ddpo.sampler import predict_noise
+
+logger = logging.getLogger("ddpo")
 
 _DDPO_LOSSES = {"ddpo_is": ddpo_is_loss, "ddpo_sf": ddpo_sf_loss}
 
@@ -78,21 +87,40 @@ def _denoising_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch
     return x0
 
 
+def _trainable_steps(scheduler, config) -> torch.Tensor:
+    """(T,) bool: the steps the update trains on. DDPO skips deterministic steps (std 0: no log-probability)."""
+    s = config.sample
+    if config.train.algorithm not in _DDPO_LOSSES:
+        return torch.ones(s.num_steps, dtype=torch.bool)
+    trainable = (step_std(scheduler, scheduler.timesteps, s.eta) > 0).cpu()
+    if not trainable.any():
+        from ddpo.config import ConfigError
+
+        raise ConfigError(f"sample.num_steps={s.num_steps}: every step of this scheduler is deterministic (its last "
+                          "step reaches alpha=1, set_alpha_to_one), so DDPO has nothing to train; use more steps")
+    return trainable
+
+
 def policy_update(unet, scheduler, optimizer, accelerator, params: list, rollout: Rollout, weights: torch.Tensor,
-                  config, epoch: int, progress: bool) -> dict[str, float | None]:
-    """Run the inner epochs; `weights` (N,) are advantages (DDPO) or RWR weights. Returns mean loss statistics."""
+                  config, epoch: int, progress: bool) -> dict[str, float | int | None]:
+    """Run the inner epochs; `weights` (N,) are advantages (DDPO) or RWR weights. Returns mean loss statistics
+    over the optimizer steps taken, and `nonfinite_steps`, the steps dropped by train.on_nonfinite=skip."""
     s, t = config.sample, config.train
     num_samples, num_steps = len(rollout.prompts), s.num_steps
-    steps_per_sample = max(1, int(num_steps * t.timestep_fraction))
     scheduler.set_timesteps(num_steps, device=weights.device)
+    trainable = _trainable_steps(scheduler, config)
+    steps_per_sample = max(1, int(int(trainable.sum()) * t.timestep_fraction))
     accumulation = t.gradient_accumulation_steps * steps_per_sample
-    losses, kls, clipfracs, kl_refs = [], [], [], []
+    kept: dict[str, list[torch.Tensor]] = {"loss": [], "kl": [], "clipfrac": [], "kl_ref": []}
+    step_stats: dict[str, list[torch.Tensor]] = {key: [] for key in kept}  # of the optimizer step being accumulated
+    nonfinite, optimizer_steps = 0, 0
     for inner in range(t.num_inner_epochs):
         order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(
             derive_seed(config.seed, epoch, inner, accelerator.process_index, "order")))
         # Each sample visits its steps in its own random order, seeded by its global index.
         step_orders = torch.stack([torch.randperm(num_steps, generator=torch.Generator().manual_seed(
             derive_seed(config.seed, epoch, inner, int(g), "steps"))) for g in rollout.global_index])
+        step_orders = step_orders[trainable[step_orders]].reshape(num_samples, -1)  # same order, trainable steps
         micro_batches = order.split(t.batch_size)
         for k, idx in enumerate(tqdm(micro_batches, desc=f"epoch {epoch} training", leave=False, disable=not progress)):
             last_of_step = (k + 1) % t.gradient_accumulation_steps == 0
@@ -107,22 +135,72 @@ def policy_update(unet, scheduler, optimizer, accelerator, params: list, rollout
                                  for g in rollout.global_index[idx]]
                         loss, kl, clipfrac, kl_ref = _rwr_step_loss(unet, scheduler, rollout, idx, seeds, weights)
                     accelerator.backward(loss / accumulation)
-                losses.append(loss.detach())
-                if kl is not None:
-                    kls.append(kl)
-                    clipfracs.append(clipfrac)
-                if kl_ref is not None:
-                    kl_refs.append(kl_ref.detach())
+                for key, value in (("loss", loss), ("kl", kl), ("clipfrac", clipfrac), ("kl_ref", kl_ref)):
+                    if value is not None:
+                        step_stats[key].append(value.detach())
             if last_of_step:
-                accelerator.clip_grad_norm_(params, t.max_grad_norm)
-                optimizer.step()
+                optimizer_steps += 1
+                grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm)
+                problem = _nonfinite(accelerator, step_stats["loss"], grad_norm)
+                if problem and t.on_nonfinite == "error":
+                    raise NonFiniteError(_diagnosis(problem, epoch, optimizer_steps, params, rollout, weights, config))
+                if problem:
+                    nonfinite += 1
+                else:
+                    optimizer.step()
+                    for key in kept:
+                        kept[key] += step_stats[key]
                 optimizer.zero_grad(set_to_none=True)
-    return {"loss": _mean(accelerator, losses), "approx_kl": _mean(accelerator, kls) if kls else None,
-            "clipfrac": _mean(accelerator, clipfracs) if clipfracs else None,
-            **({"kl_ref": _mean(accelerator, kl_refs)} if kl_refs else {})}
+                step_stats = {key: [] for key in kept}
+    if nonfinite:
+        logger.warning("epoch %d: skipped %d of %d optimizer steps whose loss or gradient was NaN/inf "
+                       "(train.on_nonfinite=skip)", epoch, nonfinite, optimizer_steps)
+    ddpo = t.algorithm in _DDPO_LOSSES  # RWR has no importance ratio: None ("not applicable"), not NaN
+    return {"loss": _mean(accelerator, kept["loss"]), "approx_kl": _mean(accelerator, kept["kl"]) if ddpo else None,
+            "clipfrac": _mean(accelerator, kept["clipfrac"]) if ddpo else None,
+            **({"kl_ref": _mean(accelerator, kept["kl_ref"])} if ddpo and t.kl_coef > 0 else {}),
+            "nonfinite_steps": nonfinite}
+
+
+def _nonfinite(accelerator, losses: list[torch.Tensor], grad_norm) -> str | None:
+    """What is non-finite in this optimizer step ("loss", "gradient"), agreed by all processes; None if nothing.
+
+    With fp16 the gradient scaler owns inf gradients (an overflow of the loss scale: it skips the step and lowers
+    the scale), so only the loss is checked."""
+    loss_bad = not bool(torch.isfinite(torch.stack(losses).float()).all())
+    grad_bad = (accelerator.scaler is None and grad_norm is not None
+                and not bool(torch.isfinite(torch.as_tensor(grad_norm, dtype=torch.float32)).all()))
+    flags = torch.tensor([float(loss_bad), float(grad_bad)], device=accelerator.device)
+    flags = accelerator.reduce(flags, reduction="sum")
+    if flags[0] > 0:
+        return "loss"
+    return "gradient" if flags[1] > 0 else None
+
+
+def _diagnosis(problem: str, epoch: int, step: int, params: list, rollout: Rollout, weights: torch.Tensor,
+               config) -> str:
+    """One message: where training diverged, the likely cause from what is non-finite, and what to change."""
+    t = config.train
+    if t.algorithm in _DDPO_LOSSES and not bool(torch.isfinite(rollout.trajectories.log_probs).all()):
+        cause = ("the log-probabilities recorded while sampling are NaN/inf: a denoising step of the scheduler has "
+                 "std 0 or a NaN (check the scheduler config, e.g. its beta schedule)")
+    elif not bool(torch.isfinite(weights).all()):
+        cause = "the advantages are NaN/inf: check the reward's scale (rewards far beyond 1e30 overflow)"
+    elif not all(bool(torch.isfinite(p.detach()).all()) for p in params):
+        cause = (f"the weights are already NaN/inf, so an earlier step diverged: train.learning_rate="
+                 f"{t.learning_rate:g} is likely too high (the default is 3e-4)")
+    else:
+        cause = (f"most likely train.learning_rate={t.learning_rate:g} is too high (the default is 3e-4; try 10x "
+                 "lower), else a reward of extreme scale or a scheduler step with std near 0")
+    return (f"epoch {epoch}, optimizer step {step}: the {problem} is NaN or infinite, so the step was not applied "
+            f"and no checkpoint of this epoch is written (earlier checkpoints are intact). Likely cause: {cause}. "
+            "Or set train.on_nonfinite=skip to drop such steps (counted as nonfinite_steps in metrics.jsonl).")
 
 
 def _mean(accelerator, values: list[torch.Tensor]) -> float:
+    """The mean over all processes; NaN when no step was kept (every process keeps the same steps)."""
+    if not values:
+        return float("nan")
     local = torch.stack(values).float().mean().reshape(1)
     return float(accelerator.reduce(local.to(accelerator.device), reduction="mean").item())
 
