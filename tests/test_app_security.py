@@ -172,11 +172,15 @@ def test_the_app_still_scores_with_offered_options(app, tmp_path):
 
 
 def test_the_api_needs_the_login(app):
+    import requests
+
     _, _, port = app
-    with pytest.raises(Exception):
+    with pytest.raises(Exception, match="credentials were not provided"):
         Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False)
-    with pytest.raises(Exception):
-        Client(f"http://127.0.0.1:{port}/", auth=("tester", "wrong"), verbose=False, download_files=False)
+    with pytest.raises(ValueError, match="Could not login"):
+        Client(f"http://127.0.0.1:{port}/", auth=("tester", "wrong-password"), verbose=False, download_files=False)
+    reply = requests.post(f"http://127.0.0.1:{port}/gradio_api/call/compare", json={"data": []}, timeout=10)
+    assert reply.status_code == 401
 
 
 def test_prompts_tab_takes_no_grammar_path(app, tmp_path, monkeypatch):
@@ -233,6 +237,7 @@ def test_allow_list_types_and_bounds():
     ("vlm_bertscore", {"captioner": "llava", "captioner_kwargs": {"model": "org/evil"}},
      "vlm_bertscore.captioner_kwargs.model"),
     ("vlm_bertscore#count", {"captioner_kwargs": {"device": "cuda"}}, "vlm_bertscore#count.captioner_kwargs.device"),
+    ("vlm_bertscore", {"batch_size": 8}, "vlm_bertscore.batch_size"),  # one BERTScore model kept per value
     ("aesthetic", {"mlp_path": "/etc/passwd"}, "aesthetic.mlp_path"),
     ("jpeg_compressibility", {"quality": 10}, "jpeg_compressibility.quality"),
 ])
@@ -315,6 +320,9 @@ def test_reward_config_is_merged_and_the_browser_cannot_override_it(tmp_path):
                     {"bertscore_model": "/tmp/x"}):
         with pytest.raises(UIError, match="cannot be set from the browser"):
             request_kwargs(op, "vlm_bertscore", options)
+    # null would keep the operator's "openai" without its endpoint, i.e. with the default URL and key variable
+    with pytest.raises(UIError, match="captioner None is not offered"):
+        request_kwargs(op, "vlm_bertscore", {"captioner": None})
     with pytest.raises(UIError, match=r"remote.url cannot be set from the browser; remote takes no options"):
         request_kwargs(op, "remote", {"url": "http://evil"})
     jobs = reward_jobs(op, [], "{}", "remote: 1, jpeg_compressibility: 0.5", "none")

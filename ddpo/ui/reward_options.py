@@ -89,15 +89,15 @@ BROWSER_CAPTIONERS = ("shapes", "llava", "blip", "blip2")
 DEFAULT_CAPTIONER = "llava"  # vlm_bertscore's, when neither the request nor the operator names one
 # Reward -> the kwargs a browser may set. "captioner" and "captioner_kwargs" are checked against the offered
 # captioners and CAPTIONER_OPTIONS. Not: bertscore_model, num_layers, reference_template, device, clip_model,
-# mlp_path, url, token_env, ... (operator only).
+# mlp_path, url, token_env, ... (operator only), nor vlm_bertscore's batch_size: rewards.alignment keeps one BERTScore
+# model per batch size for the life of the process, so each new value would load another.
 REWARD_OPTIONS: dict[str, dict[str, Option]] = {
     "jpeg_compressibility": {},
     "jpeg_incompressibility": {},
     "aesthetic": {"batch_size": _int(1, 64)},
     "vlm_bertscore": {"question": Option("text", high=300), "metric": Option("choice", choices=("precision", "recall",
                                                                                                  "f1")),
-                      "caption_retries": _int(0, 5), "num_captions": _int(1, 16), "expected": BOOL,
-                      "batch_size": _int(1, 256)},
+                      "caption_retries": _int(0, 5), "num_captions": _int(1, 16), "expected": BOOL},
 }
 CAPTIONED = ("vlm_bertscore",)  # rewards with a "captioner" and its "captioner_kwargs"
 OPERATOR_ONLY = ("remote",)  # offered only when the operator's config gives its url and token
@@ -191,8 +191,8 @@ def _captioner_kwargs(operator: Mapping[str, dict], name: str, term: str, browse
     is the operator's captioner: they were written for that one), and the browser's allowed kwargs."""
     own = operator.get(name, {})
     offered = offered_captioners(operator, name)
-    captioner = browser.get("captioner", own.get("captioner"))
-    if captioner is not None and captioner not in offered:
+    captioner = browser["captioner"] if "captioner" in browser else own.get("captioner")
+    if "captioner" in browser and captioner not in offered:  # null too: it would leave the operator's captioner
         raise UIError(f"reward options: captioner {captioner!r} is not offered; choose one of {', '.join(offered)} "
                       f"({NOT_FROM_BROWSER})")
     effective = captioner or DEFAULT_CAPTIONER

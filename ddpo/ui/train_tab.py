@@ -19,11 +19,13 @@ FIELDS = ("model.pretrained", "reward.name", "prompts.grammar", "train.algorithm
 
 
 def preset_values(preset: str | None) -> list:
-    """The main fields of a preset, in FIELDS order."""
-    from ddpo.config import load_config
+    """The main fields of a preset, in FIELDS order (a shipped preset only: `load_config` also reads YAML files)."""
+    from ddpo.config import list_presets, load_config
 
     if not preset:
         return [gr.update() for _ in FIELDS]
+    if preset not in list_presets():
+        raise UIError(f"preset {preset!r} is not one of {', '.join(list_presets())}")
     c = load_config(preset)
     return [c.model.pretrained, c.reward.name, c.prompts.grammar, c.train.algorithm, c.train.num_epochs,
             c.train.learning_rate, c.sample.num_steps, c.sample.batch_size]
