@@ -49,6 +49,11 @@ def load_mlp_state(mlp_path: str | None, mlp_repo: str | None, mlp_filename: str
     if mlp_path is None:
         from huggingface_hub import hf_hub_download
 
+        from rewards.hub import OFFLINE_REWARDS, require_weights
+
+        require_weights(mlp_repo, "the aesthetic MLP repo", (
+            "Download sac+logos+ava1-l14-linearMSE.pth from https://github.com/christophschuhmann/"
+            f"improved-aesthetic-predictor and pass mlp_path=/path/to/it; {OFFLINE_REWARDS}"), filename=mlp_filename)
         try:
             mlp_path = hf_hub_download(mlp_repo, mlp_filename)
         except Exception as err:
@@ -84,6 +89,11 @@ class AestheticReward:
     def _load(self) -> None:
         from transformers import AutoImageProcessor, CLIPModel
 
+        from rewards.hub import OFFLINE_REWARDS, require_weights
+
+        require_weights(self.clip_model, "CLIP model", (
+            f"Download {DEFAULT_CLIP} where there is internet (`huggingface-cli download {DEFAULT_CLIP}`) and pass "
+            f"clip_model=/local/folder; {OFFLINE_REWARDS}"))
         try:
             clip = CLIPModel.from_pretrained(self.clip_model, dtype=self.dtype)
         except OSError as err:

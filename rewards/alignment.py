@@ -39,6 +39,12 @@ def get_bertscorer(model: str, num_layers: int | None, device: str, batch_size: 
     if key not in _SCORERS:
         from bert_score import BERTScorer
 
+        from rewards.hub import require_weights
+
+        require_weights(model, "BERTScore model", (
+            f"Download it where there is internet (`huggingface-cli download {model}`) and pass "
+            "bertscore_model=/local/folder, or leave bertscore_model unset for the shipped all-MiniLM-L6-v2"))
+
         try:
             _SCORERS[key] = BERTScorer(model_type=model, num_layers=num_layers, device=device,
                                        batch_size=batch_size, idf=False, rescale_with_baseline=False)

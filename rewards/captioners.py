@@ -80,6 +80,13 @@ class _TransformersCaptioner:
         import transformers
         from transformers import AutoProcessor
 
+        from rewards.hub import require_weights
+
+        require_weights(self.model_name, "captioner model", (
+            f"Download {self.default_model} where there is internet (`huggingface-cli download {self.default_model}`)"
+            " and pass "
+            "captioner_kwargs={\"model\": \"/local/folder\"}, or, offline, use the shipped Shapes captioner "
+            "(vlm_bertscore with captioner: shapes, for Shapes prompts), which needs no download"))
         cls = getattr(transformers, self.model_class)
         try:
             model = cls.from_pretrained(self.model_name, dtype=self.dtype)
@@ -88,7 +95,8 @@ class _TransformersCaptioner:
             raise FileNotFoundError(
                 f"captioner model {self.model_name!r} not found ({err}). Download it "
                 f"(`huggingface-cli download {self.default_model}`) or pass model=/local/folder "
-                "(for vlm_bertscore: captioner_kwargs={\"model\": \"/local/folder\"})") from None
+                "(for vlm_bertscore: captioner_kwargs={\"model\": \"/local/folder\"}), or use the shipped Shapes "
+                "captioner (captioner: shapes), which needs no download") from None
         self._model = model.to(self.device).eval().requires_grad_(False)
         tokenizer = getattr(self._processor, "tokenizer", None)
         if tokenizer is not None:

@@ -46,6 +46,11 @@ class PickScoreReward:
         import torch
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
+        from rewards.hub import OFFLINE_REWARDS, require_weights
+
+        for name, what in ((self.processor_name, "PickScore processor"), (self.model_name, "PickScore model")):
+            require_weights(name, what, (f"Download it where there is internet (`huggingface-cli download {name}`) "
+                                         f"and pass model=/folder processor=/folder; {OFFLINE_REWARDS}"))
         try:
             self._image_processor = AutoImageProcessor.from_pretrained(self.processor_name)
             self._tokenizer = AutoTokenizer.from_pretrained(self.processor_name)

@@ -102,6 +102,38 @@ def test_pickscore_is_scaled_cosine(tiny_clip):
     np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_missing_hub_weights_fail_at_once_with_the_offline_alternative(monkeypatch, tiny_clip):
+    import time
+
+    from huggingface_hub import constants
+
+    import rewards.hub
+    from localhost import free_port
+
+    start = time.monotonic()
+    llava = build_reward("vlm_bertscore")  # LLaVA-1.5-7B by default, not downloaded here (HF_HUB_OFFLINE=1)
+    with pytest.raises(FileNotFoundError, match=r"llava-1.5-7b-hf' is not in the local .*offline mode is on.*"
+                                                r"captioner: shapes"):
+        llava(IMAGES, ["a", "b"], None)
+    # Online, but the hub does not answer (a closed local port): one quick probe instead of ~50 s of retries.
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setattr(rewards.hub, "_probe", {})
+    with pytest.raises(FileNotFoundError, match=r"hub \(http://127.0.0.1:\d+\) cannot be reached.*captioner: shapes"):
+        build_reward("vlm_bertscore", captioner="blip")(IMAGES, ["a", "b"], None)
+    for name, kwargs, what in [("aesthetic", {}, "CLIP model 'openai/clip-vit-large-patch14'"),
+                               ("aesthetic", {"clip_model": tiny_clip}, "aesthetic MLP repo"),
+                               ("pickscore", {}, "PickScore processor")]:
+        with pytest.raises(FileNotFoundError, match=f"{what}.*cannot be reached.*jpeg_compressibility"):
+            build_reward(name, **kwargs)(IMAGES, ["a", "b"], None)
+    with pytest.raises(FileNotFoundError, match="BERTScore model 'someone/bert'.*leave bertscore_model unset"):
+        build_reward("vlm_bertscore", captioner="test_rewards_alignment:FakeCaptioner", bertscore_model="someone/bert",
+                     num_layers=2)(IMAGES, ["a", "b"], None)
+    assert time.monotonic() - start < 10  # at once: model imports only, no retries
+
+
 def test_optional_rewards_say_how_to_install():
     import importlib.util
 
