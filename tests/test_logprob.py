@@ -86,3 +86,29 @@ def test_gradient_flows_to_model_output_only():
     assert out.grad is not None and out.grad.abs().sum() > 0
     assert prev.grad is None
     assert math.isfinite(lp.sum().item())
+
+
+def test_set_alpha_to_one_makes_the_last_step_deterministic_with_log_prob_zero():
+    """With set_alpha_to_one the final step's alpha_prev is 1: std 0 for any eta, the step lands on the predicted
+    x_0 (as diffusers' step does), and its log-prob is 0 with a zero, finite gradient instead of 0/0 = NaN."""
+    from ddpo.logprob import step_std
+
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=True, steps_offset=1)
+    scheduler.set_timesteps(4)
+    std = step_std(scheduler, scheduler.timesteps, eta=1.0)
+    assert std[-1] == 0 and (std[:-1] > 0).all()
+    x, z = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    out = torch.randn(2, 4, 8, 8, requires_grad=True)
+    t = scheduler.timesteps[-1]
+    prev, lp = ddim_step_with_logprob(scheduler, out, t, x, eta=1.0, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(prev, scheduler.step(out.detach(), t, x, eta=1.0, variance_noise=z).prev_sample)
+    assert lp.tolist() == [0.0, 0.0]
+    lp.sum().backward()
+    assert torch.equal(out.grad, torch.zeros_like(out))
+    # The other steps are unchanged: still the Gaussian density of diffusers' step.
+    t = scheduler.timesteps[1]
+    expected = scheduler.step(out.detach(), t, x, eta=1.0, variance_noise=z).prev_sample
+    _, lp = ddim_step_with_logprob(scheduler, out.detach(), t, x, eta=1.0, prev_sample=expected)
+    hand = torch.distributions.Normal(expected - std[1] * z, std[1]).log_prob(expected).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(lp, hand, rtol=1e-5, atol=1e-5)

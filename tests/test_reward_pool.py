@@ -1,4 +1,4 @@
-"""The reward worker process: scores like inline, and does not outlive a killed trainer."""
+"""The reward worker process: scores like inline, does not outlive a killed trainer, and is stopped when hung."""
 
 import os
 import signal
@@ -7,9 +7,10 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import torch
 
-from ddpo.reward_pool import RewardPool
+from ddpo.reward_pool import RewardPool, RewardTimeoutError
 
 SCRIPT = """
 import sys, time, torch
@@ -57,3 +58,13 @@ def test_close_joins_an_idle_worker():
     assert len(workers) == 1 and workers[0].is_alive()
     pool.close()
     assert not workers[0].is_alive(), "the idle reward worker was still running after close()"
+
+
+def test_close_terminates_a_busy_process_worker(tmp_path):
+    pool = RewardPool("hanging_rewards:hangs_after", {"marker": str(tmp_path / "hung")}, "process", timeout_s=1)
+    future = pool.submit(torch.rand(2, 3, 8, 8), ["a cat", "a dog"], [{}, {}])
+    with pytest.raises(RewardTimeoutError, match=r"on prompts: \['a cat', 'a dog'\]"):
+        pool.result(future)
+    workers = list(pool._pool._processes.values())
+    pool.close()
+    assert workers and not any(w.is_alive() for w in workers), "close() left the hung reward worker running"
