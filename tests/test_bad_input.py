@@ -143,7 +143,7 @@ def test_generate_defaults_to_the_checkpoints_model_and_warns_about_long_prompts
                  "--steps", "2", "--out", str(tmp_path / "out")]) == 0
     captured = capsys.readouterr()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p00_seed0000.png", "p01_seed0000.png"]
-    warnings = [line for line in captured.err.splitlines() if "warning" in line]
+    warnings = [line for line in captured.err.splitlines() if line.startswith("ddpo generate: warning")]
     assert len(warnings) == 1 and "the text encoder reads 77, so the rest is cut" in warnings[0]
     assert "'a cat very" in warnings[0]
 
