@@ -1,7 +1,7 @@
 """What keeps `ddpo serve-reward` bounded under load and abuse (the HTTP protocol itself is in rewards/server.py).
 
 - Connections: a fixed pool of `workers` threads reads and answers requests; up to `queue` accepted connections wait
-  for one. Beyond that a connection gets an immediate 503 with Retry-After from a small reject pool, which then
+  for one. Beyond that a connection gets an immediate 503 with Retry-After from one reject thread, which then
   reads and discards what the client still sends, so the client reads the 503 instead of a connection reset.
 - Time: a request (line, headers and body) must arrive within `read_timeout` seconds of being accepted, or its
   socket is shut down; every later socket operation has the same timeout.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import queue
+import selectors
 import socket
 import threading
 import time
@@ -27,9 +28,10 @@ from typing import Any, Callable
 logger = logging.getLogger(__name__)
 
 MPX = 2**20  # "megapixel" in limits: one 1024 x 1024 image
-REJECT_THREADS = 2
 REJECT_LINGER_S = 2.0  # how long a rejected connection is drained before it is closed
+MAX_LINGERING = 1024   # rejected connections drained at once; more wait in the reject queue
 WATCH_INTERVAL_S = 0.1
+GRACE_FRACTION = 0.1  # of read_timeout, for a connection that waited in the queue past its deadline
 
 
 @dataclass(frozen=True)
@@ -178,12 +180,12 @@ class BoundedHTTPServer(HTTPServer):
         self._threads: list[threading.Thread] = []
         super().__init__(address, handler)  # binds: an OSError here leaves no thread behind
         self._pending: queue.Queue = queue.Queue(maxsize=limits.queue)
-        self._rejects: queue.Queue = queue.Queue(maxsize=4 * limits.backlog)
+        self._rejects: queue.Queue = queue.Queue(maxsize=MAX_LINGERING)
         self._deadlines: dict[socket.socket, float] = {}
         self._deadline_lock = threading.Lock()
         self._busy = busy_response(limits.retry_after, f"server busy: {limits.workers} requests in progress and "
                                    f"{limits.queue} waiting; retry after {limits.retry_after} s")
-        targets = [self._work] * limits.workers + [self._reject] * REJECT_THREADS + [self._watch]
+        targets = [self._work] * limits.workers + [self._reject, self._watch]
         self._threads = [threading.Thread(target=t, name=f"reward-server-{i}", daemon=True)
                          for i, t in enumerate(targets)]
         for thread in self._threads:
@@ -206,9 +208,9 @@ class BoundedHTTPServer(HTTPServer):
                 return
             request, client_address, accepted = item
             # The read deadline starts at accept, so connections that idled in the queue cannot hold a worker
-            # long; one second of grace still lets a queued client whose request has fully arrived be read.
-            now = time.monotonic()
-            self.set_deadline(request, max(accepted + self.limits.read_timeout, now + 1.0))
+            # long; a tenth of it as grace still lets a queued client whose request has arrived be read.
+            now, timeout = time.monotonic(), self.limits.read_timeout
+            self.set_deadline(request, max(accepted + timeout, now + GRACE_FRACTION * timeout))
             try:
                 self.finish_request(request, client_address)
             except Exception:
@@ -218,25 +220,47 @@ class BoundedHTTPServer(HTTPServer):
                 self.shutdown_request(request)
 
     def _reject(self) -> None:
+        """Answer each refused connection 503 at once, then drain what its client still sends (up to
+        REJECT_LINGER_S) before closing, so the client reads the 503 rather than a reset. One thread serves
+        all of them through a selector: a slow client costs a socket, not a thread."""
+        selector = selectors.DefaultSelector()
+        lingering: dict[socket.socket, float] = {}
         while not self._stopping.is_set():
-            request = self._rejects.get()
-            if request is None:
-                return
-            try:
-                request.settimeout(REJECT_LINGER_S)
-                request.sendall(self._busy)
-                request.shutdown(socket.SHUT_WR)
-                end, drained = time.monotonic() + REJECT_LINGER_S, 0
-                while drained <= self.limits.max_request_bytes and time.monotonic() < end:
-                    request.settimeout(max(0.01, end - time.monotonic()))
-                    chunk = request.recv(65536)
-                    if not chunk:
-                        break
-                    drained += len(chunk)
-            except OSError:
-                pass
-            finally:
-                self.shutdown_request(request)
+            while len(lingering) < MAX_LINGERING:
+                try:
+                    request = self._rejects.get_nowait()
+                except queue.Empty:
+                    break
+                try:
+                    request.setblocking(False)
+                    request.send(self._busy)  # a few hundred bytes: fits an empty send buffer
+                    request.shutdown(socket.SHUT_WR)
+                    selector.register(request, selectors.EVENT_READ)
+                    lingering[request] = time.monotonic() + REJECT_LINGER_S
+                except OSError:
+                    request.close()
+            for key, _ in selector.select(timeout=WATCH_INTERVAL_S / 2) if lingering else ():
+                try:
+                    finished = not key.fileobj.recv(65536)
+                except BlockingIOError:
+                    finished = False
+                except OSError:
+                    finished = True
+                if finished:
+                    self._unlinger(selector, lingering, key.fileobj)
+            now = time.monotonic()
+            for request in [r for r, deadline in lingering.items() if deadline < now]:
+                self._unlinger(selector, lingering, request)
+            if not lingering:
+                time.sleep(WATCH_INTERVAL_S / 2)
+        for request in list(lingering):
+            self._unlinger(selector, lingering, request)
+
+    @staticmethod
+    def _unlinger(selector: selectors.BaseSelector, lingering: dict, request: socket.socket) -> None:
+        selector.unregister(request)
+        del lingering[request]
+        request.close()
 
     def set_deadline(self, request: socket.socket, deadline: float) -> None:
         with self._deadline_lock:
@@ -272,8 +296,6 @@ class BoundedHTTPServer(HTTPServer):
             return
         for _ in range(self.limits.workers):
             self._put_stop(self._pending)
-        for _ in range(REJECT_THREADS):
-            self._put_stop(self._rejects)
 
     @staticmethod
     def _put_stop(q: queue.Queue) -> None:
