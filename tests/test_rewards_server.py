@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import http.client
+import importlib.util
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -176,3 +179,82 @@ def test_score_cli_prints_one_row_per_image(tmp_path, capsys):
     with pytest.raises(SystemExit):
         score_main(["--reward", "jpeg_compressibility", str(tmp_path / "missing.png")])
     assert "cannot read image" in capsys.readouterr().err
+
+
+def _odd_images() -> dict[str, Image.Image]:
+    """Images whose conversion to RGB is a choice: alpha, 16 bits, a transparent palette entry, grayscale."""
+    rgba = np.concatenate([rng.integers(0, 256, (24, 24, 3)), np.tile(np.linspace(0, 255, 24), (24, 1))[..., None]],
+                          axis=-1).astype(np.uint8)
+    palette = Image.fromarray(rng.integers(0, 4, (24, 24), dtype=np.uint8), "P")
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255])
+    return {"rgba": Image.fromarray(rgba, "RGBA"),
+            "sixteen": Image.fromarray((np.outer(np.arange(24), np.arange(24)) * 113).astype(np.uint16)),
+            "palette": palette, "gray": Image.fromarray(rng.integers(0, 256, (24, 24), dtype=np.uint8), "L"),
+            "gray_alpha": Image.fromarray(rgba[..., 2:], "LA")}
+
+
+def test_every_entry_point_converts_images_the_same_way(tmp_path, capsys):
+    """The Python API, `ddpo score`, the reward server and the app's uploads give one score per picture."""
+    from rewards.cli import score_main
+
+    paths = []
+    for name, image in _odd_images().items():
+        paths.append(str(tmp_path / f"{name}.png"))
+        image.save(paths[-1], transparency=0) if name == "palette" else image.save(paths[-1])
+    reward, prompts = build_reward("jpeg_incompressibility"), ["x"] * len(paths)
+    opened = [Image.open(p) for p in paths]
+    assert [im.mode for im in opened] == ["RGBA", "I;16", "P", "L", "LA"]
+    api, _ = reward(opened, prompts, None)
+
+    assert score_main(["--reward", "jpeg_incompressibility", "--json"] + paths) == 0
+    cli = [json.loads(line)["jpeg_incompressibility"] for line in capsys.readouterr().out.splitlines()]
+    with Served("jpeg_incompressibility") as served:
+        payload = {"images": [base64.b64encode(open(p, "rb").read()).decode() for p in paths], "prompts": prompts}
+        server = requests.post(served.url + "/score", json=payload, timeout=10).json()["scores"]
+    np.testing.assert_allclose(cli, api, rtol=1e-6)
+    np.testing.assert_allclose(server, api, rtol=1e-6)
+    if importlib.util.find_spec("gradio") is not None:  # the app's upload path, when the app extra is installed
+        from ddpo.ui.compare_tab import load_uploads
+
+        np.testing.assert_allclose(reward(load_uploads(paths, 10), prompts, None)[0], api, rtol=1e-6)
+    # What `ddpo score` did before: PIL's convert("RGB") drops alpha and clips 16-bit values at 255.
+    dropped, _ = reward([Image.open(p).convert("RGB") for p in paths[:2]], prompts[:2], None)
+    assert not np.isclose(dropped, api[:2], rtol=1e-3).any()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-batch", "0"], "argument --max-batch: must be above 0"),
+    (["--max-request-mb", "-1"], "argument --max-request-mb: must be above 0"),
+    (["--max-request-mb", "nan"], "argument --max-request-mb: must be above 0 and finite"),
+    (["--read-timeout", "inf"], "argument --read-timeout: must be above 0 and finite"),
+    (["--workers", "0"], "argument --workers: must be above 0"),
+    (["--port", "70000"], "argument --port: must be 0-65535"),
+    (["--port", "http"], "argument --port: expected an integer port"),
+    (["--host", "no-such-host.invalid"], "--host 'no-such-host.invalid' cannot be resolved"),
+    (["--max-request-mpix", "200"], "--max-request-mpix (200) is above --max-total-mpix (128)"),
+    (["--reward", "nope"], "--reward 'nope': unknown reward 'nope'; valid rewards: aesthetic"),
+    (["--reward", "rewards.jpeg:nope"], "--reward 'rewards.jpeg:nope': module 'rewards.jpeg' has no attribute"),
+    (["--kwargs", '{"quality": 3}'], "--reward 'jpeg_compressibility': "),
+])
+def test_serve_reward_refuses_bad_arguments_in_one_line(args, message, capsys):
+    from rewards.cli import serve_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        serve_main(["--reward", "jpeg_compressibility", "--port", "0"] + args)
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and error.startswith("ddpo serve-reward: error: ") and message in error, error
+
+
+def test_serve_reward_says_when_the_port_is_taken(capsys):
+    from rewards.cli import serve_main
+    from rewards.serving import Limits
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(SystemExit) as exit_info:
+            serve_main(["--reward", "jpeg_compressibility", "--port", str(taken.getsockname()[1])])
+    assert exit_info.value.code == 2 and "cannot listen on 127.0.0.1:" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--max-batch must be a finite number above 0"):
+        make_server(build_reward("jpeg_compressibility"), "jpeg_compressibility", port=0, max_batch=0)
+    assert Limits().memory_budget() < 2 * 2**30  # the help's figure for the defaults
