@@ -27,6 +27,7 @@ import torch
 
 logger = logging.getLogger("ddpo")
 
+
 class RewardError(RuntimeError):
     """A reward function raised, or returned NaN/inf; the message names the prompts."""
 
@@ -143,7 +144,8 @@ class RewardPool:
     """Submit batches of images; collect (scores, info) later with `result`. `executor`: process | thread | inline.
 
     `timeout_s` bounds each reward call. Waits happen in submission order and the worker scores one batch at a
-    time, so the wait for one batch is at most its own scoring time (plus sampling still running beside it).
+    time, so the wait for one batch is about its own scoring time. The first one also covers the worker's start
+    and a reward that loads its model on first use.
     """
 
     def __init__(self, name: str, kwargs: dict[str, Any], executor: str = "process", timeout_s: float = 600.0):

@@ -117,5 +117,6 @@ def evaluate(pipe, unet, grammar, reward_pool: RewardPool, config, process_index
                                            num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=0.0,
                                            generator=generator)
     check_finite_latents(trajectories, None)
-    result = reward_pool.result(reward_pool.submit(trajectories.images, texts, [dict(prompts[i].metadata) for i in mine]))
+    metadata = [dict(prompts[i].metadata) for i in mine]
+    result = reward_pool.result(reward_pool.submit(trajectories.images, texts, metadata))
     return Evaluation(texts, trajectories.images, result.scores)

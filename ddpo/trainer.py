@@ -102,7 +102,7 @@ def make_optimizer(config: Config, params: list) -> torch.optim.Optimizer:
             import bitsandbytes as bnb
         except ImportError:
             raise MissingExtraError("train.use_8bit_adam=true needs bitsandbytes: pip install bitsandbytes "
-                              "(or pip install 'ddpo[bnb]')") from None
+                                    "(or pip install 'ddpo[bnb]')") from None
         optimizer_cls = bnb.optim.AdamW8bit
     return optimizer_cls(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                          weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
@@ -143,6 +143,7 @@ def train(config: Config, resume: str | None = None) -> Path:
     resume_from = ckpt.find_checkpoint(Path(resume)) if resume else None
     if resume_from is not None:
         ckpt.check_compatible(resume_from, config)
+        _check_resumable(resume_from, config)
     from prompts import load_grammar
 
     grammar = load_grammar(config.prompts.grammar)  # grammar, tracker and reward errors surface before loading
@@ -320,7 +321,6 @@ def _restore(folder: Path, accelerator, unet, optimizer, tracker, config) -> int
 
     The optimizer's hyperparameters and the stat tracker's sizes come from `config`, not the checkpoint:
     `--resume RUN train.learning_rate=X` trains at X, as the run's config.yaml then says."""
-    _check_resumable(folder, config)
     state = ckpt.read_trainer_state(folder)
     load_trained_weights(accelerator.unwrap_model(unet), folder, config.model.use_lora)
     optimizer.load_state_dict(ckpt.read_optimizer_state(folder))

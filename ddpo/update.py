@@ -185,7 +185,8 @@ def _diagnosis(problem: str, epoch: int, step: int, params: list, rollout: Rollo
         cause = ("the log-probabilities recorded while sampling are NaN/inf: a denoising step of the scheduler has "
                  "std 0 or a NaN (check the scheduler config, e.g. its beta schedule)")
     elif not bool(torch.isfinite(weights).all()):
-        cause = "the advantages are NaN/inf: check the reward's scale (rewards far beyond 1e30 overflow)"
+        cause = ("the advantages are NaN/inf: check the reward's scale (float32 statistics of rewards beyond about "
+                 "1e19 overflow)")
     elif not all(bool(torch.isfinite(p.detach()).all()) for p in params):
         cause = (f"the weights are already NaN/inf, so an earlier step diverged: train.learning_rate="
                  f"{t.learning_rate:g} is likely too high (the default is 3e-4)")
