@@ -93,6 +93,21 @@ def test_a_signal_ends_a_run_whose_reward_hangs(tmp_path, sig, executor):
             os.kill(worker, 0)
 
 
+def test_a_signal_while_a_checkpoint_is_written_takes_effect_after_it():
+    from ddpo.trainer import _signals_deferred
+
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        with _signals_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+            seen.append("written")
+        assert seen == ["written", signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 # ---------------------------------------------------------------------------------------------- non-finite steps
 
 
