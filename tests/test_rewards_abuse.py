@@ -167,8 +167,9 @@ def test_half_sent_bodies_are_dropped_and_the_server_keeps_answering(server):
         sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"images\": [")
         clients.append(sock)
     start = time.monotonic()
-    meanwhile = server.score(SMALL)
-    assert meanwhile.status_code in (200, 503) and time.monotonic() - start < 1.0
+    meanwhile = server.score(SMALL)  # 503 at once; or, if it found a place in the queue, 200 once they are dropped
+    waited = time.monotonic() - start
+    assert (meanwhile.status_code, waited < 1.0) == (503, True) or (meanwhile.status_code, waited < 3) == (200, True)
     for sock in clients:  # each is answered 503 or closed by the server, within the read timeout (1 s)
         received = b""
         while chunk := sock.recv(65536):
