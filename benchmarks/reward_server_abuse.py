@@ -19,6 +19,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -49,6 +50,27 @@ def png_b64(image: Image.Image) -> str:
 def memory_mb(pid: int) -> dict[str, float]:
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
     return {key: int(fields[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM")}
+
+
+class ThreadPeak:
+    """The most threads the server process had while the block ran (sampled every 20 ms)."""
+
+    def __init__(self, pid: int):
+        self.pid, self.peak, self._done = pid, 0, threading.Event()
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.02):
+            status = Path(f"/proc/{self.pid}/status").read_text()
+            self.peak = max(self.peak, int(status.split("Threads:")[1].split()[0]))
+
+    def __enter__(self) -> "ThreadPeak":
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
 
 
 class Client:
@@ -135,11 +157,14 @@ def run(checkout: Path, new: bool) -> list[dict]:
         row("4 x 4096x4096 (64 Mpx, the per-request limit), 3 requests at once", result, times)
         status, t = client.post({"images": [base64.b64encode(EPS).decode()], "prompts": ["x"]})
         row("an EPS payload", status, t)
-        outcome = half_sent(client, proc_address(url), 50, wait=12)
+        with ThreadPeak(proc.pid) as threads:
+            outcome = half_sent(client, proc_address(url), 50, wait=12)
         row("50 clients send half a body", f"during: {outcome['during'][0]}; server closed "
-            f"{outcome['closed_by_server']}/50 in {outcome['seconds']:.1f} s", outcome["during"][1])
-        result, times = concurrent(client, small, 200)
-        row("200 concurrent clients, one small image each", result, times)
+            f"{outcome['closed_by_server']}/50 in {outcome['seconds']:.1f} s", outcome["during"][1],
+            peak_threads=threads.peak)
+        with ThreadPeak(proc.pid) as threads:
+            result, times = concurrent(client, small, 200)
+        row("200 concurrent clients, one small image each", result, times, peak_threads=threads.peak)
         status, t = client.post({"images": small["images"], "prompts": ["hang"]}, timeout=HANG_S + 20)
         health, refused = client.health(), client.post(small)[0]
         start = time.monotonic()
