@@ -42,6 +42,23 @@ class PerPromptStatTracker:
         self.buffers = {p: deque(values, maxlen=self.buffer_size) for p, values in state["buffers"].items()}
 
 
+def group_advantages(tracker: PerPromptStatTracker, prompts: list[str], rewards: np.ndarray,
+                     groups: np.ndarray) -> np.ndarray:
+    """Per-prompt tracking one group at a time (`sample.images_per_prompt` > 1), in the order of the groups.
+
+    A prompt that fills two groups of one epoch would otherwise pool them: with a buffer of one group's size the
+    first group was normalised by the second's mean and std (advantages of -36 were seen). Here each group enters
+    the buffer before it is normalised, and a later group never reaches back into an earlier one.
+    prompts: B strings; rewards: (B,); groups: (B,) int group ids -> (B,) float32.
+    """
+    rewards, groups = np.asarray(rewards), np.asarray(groups)
+    advantages = np.empty(len(rewards), dtype=np.float32)
+    for group in dict.fromkeys(groups.tolist()):  # unique, in first-seen order
+        members = np.flatnonzero(groups == group)
+        advantages[members] = tracker.update([prompts[i] for i in members], rewards[members])
+    return advantages
+
+
 def batch_advantages(rewards: np.ndarray) -> np.ndarray:
     """Whole-batch normalisation: (r - mean) / std. (B,) -> (B,) float32."""
     rewards = np.asarray(rewards, dtype=np.float64)

@@ -58,11 +58,11 @@ def collect_rollout(pipe, unet, grammar, reward_pool: RewardPool, config, epoch:
     s = config.sample
     negative = encode_prompts(pipe, [s.negative_prompt], device)
     batches, futures, texts, metadata, indices = [], [], [], [], []
+    group_prompts = epoch_group_prompts(grammar, config, epoch, num_processes) if s.images_per_prompt > 1 else None
     start = time.perf_counter()
     for b in tqdm(range(s.num_batches_per_epoch), desc=f"epoch {epoch} sampling", leave=False, disable=not progress):
         global_batch = b * num_processes + process_index
-        drawn = grammar.sample(s.batch_size // s.images_per_prompt, split=split_arg(config.prompts.split),
-                               seed=derive_seed(config.seed, epoch, global_batch, "prompts"))
+        drawn = draw_prompts(grammar, config, epoch, global_batch, num_processes, group_prompts)
         prompts = [p for p in drawn for _ in range(s.images_per_prompt)]  # each prompt's images side by side
         batch_texts, batch_meta = [p.text for p in prompts], [dict(p.metadata) for p in prompts]
         generator = torch.Generator().manual_seed(derive_seed(config.seed, epoch, global_batch, "noise"))
@@ -84,6 +84,40 @@ def collect_rollout(pipe, unet, grammar, reward_pool: RewardPool, config, epoch:
     valid = check_finite(rewards, texts, info, config.reward.on_nonfinite)
     return Rollout(cat_trajectories(batches), texts, metadata, torch.tensor(indices), rewards, valid, info,
                    sample_s, reward_s)
+
+
+def draw_prompts(grammar, config, epoch: int, global_batch: int, num_processes: int,
+                 group_prompts: list | None = None) -> list:
+    """The distinct prompts of one sampling batch (batch_size // images_per_prompt of them).
+
+    Without groups each batch draws its own prompts (with replacement, as the paper does). With groups
+    (`group_prompts`, from `epoch_group_prompts`) the batch takes its slice of the epoch's list."""
+    s = config.sample
+    per_batch = s.batch_size // s.images_per_prompt
+    if group_prompts is None:
+        return grammar.sample(per_batch, split=split_arg(config.prompts.split),
+                              seed=derive_seed(config.seed, epoch, global_batch, "prompts"))
+    return group_prompts[global_batch * per_batch:(global_batch + 1) * per_batch]
+
+
+def epoch_group_prompts(grammar, config, epoch: int, num_processes: int, oversample: int = 16) -> list:
+    """The prompts of every group of an epoch, across all processes, drawn *without replacement*.
+
+    A prompt drawn twice in one epoch would put two groups under one prompt; each group must be normalised by
+    itself (see `advantages.group_advantages`, which also keeps them apart when a repeat cannot be avoided).
+    Distinct prompts are taken in the order of a long draw by the grammar's weights (`oversample` x the groups
+    needed), so the result depends only on (seed, epoch) and the epoch's size, not on how it is split over
+    processes. When the split has fewer distinct prompts than the epoch has groups, they are used in turn.
+    """
+    s = config.sample
+    needed = s.batch_size // s.images_per_prompt * s.num_batches_per_epoch * num_processes
+    pool = grammar.sample(needed * oversample, split=split_arg(config.prompts.split),
+                          seed=derive_seed(config.seed, epoch, "group-prompts"))
+    first: dict[str, Any] = {}
+    for prompt in pool:
+        first.setdefault(prompt.text, prompt)  # first occurrences, in draw order
+    distinct = list(first.values())
+    return [distinct[i % len(distinct)] for i in range(needed)]
 
 
 def check_finite_latents(trajectories: Trajectories, epoch: int | None) -> None:

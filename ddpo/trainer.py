@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ddpo import checkpoint as ckpt
-from ddpo.advantages import PerPromptStatTracker, batch_advantages
+from ddpo.advantages import PerPromptStatTracker, batch_advantages, group_advantages
 from ddpo.config import Config, ConfigError, config_from_file, save_config
 from ddpo.losses import NonFiniteError
 from ddpo.metrics import append_metrics, epoch_line, save_grid, truncate_metrics
@@ -120,7 +120,10 @@ def compute_weights(accelerator, rollout: Rollout, tracker: PerPromptStatTracker
     prompts, rewards, valid = [prompts[i] for i in order], rewards[order], valid[order]
     kept = [p for p, v in zip(prompts, valid) if v]
     advantages = np.zeros_like(rewards)
-    if valid.any():
+    groups = np.sort(np.asarray(index))[valid] // config.sample.images_per_prompt  # a group's images are adjacent
+    if valid.any() and tracker is not None and config.sample.images_per_prompt > 1:
+        advantages[valid] = group_advantages(tracker, kept, rewards[valid], groups)  # each group by itself
+    elif valid.any():
         advantages[valid] = (tracker.update(kept, rewards[valid]) if tracker is not None
                              else batch_advantages(rewards[valid]))
     t = config.train

@@ -29,3 +29,42 @@ def test_buffer_keeps_only_the_last_rewards_and_round_trips():
     clone.load_state_dict(tracker.state_dict())
     rewards = np.array([5.0, 7.0])
     np.testing.assert_array_equal(clone.update(["a", "a"], rewards), tracker.update(["a", "a"], rewards))
+
+
+def _zscore(x):
+    x = np.asarray(x, dtype=np.float64)
+    return (x - x.mean()) / (x.std() + 1e-6)
+
+
+def test_two_groups_of_one_prompt_are_each_normalised_by_themselves():
+    from ddpo.advantages import group_advantages
+
+    # Groups of 4 (buffer 4 = min_count 4, the group-relative setting); "a" fills groups 0 and 1.
+    tracker = PerPromptStatTracker(buffer_size=4, min_count=4)
+    rewards = np.array([0.0, 1.0, 2.0, 3.0, 100.0, 101.0, 102.0, 103.0, 5.0, 6.0, 7.0, 9.0])
+    prompts = ["a"] * 8 + ["b"] * 4
+    adv = group_advantages(tracker, prompts, rewards, np.repeat([0, 1, 2], 4))
+    for g in range(3):
+        np.testing.assert_allclose(adv[4 * g:4 * g + 4], _zscore(rewards[4 * g:4 * g + 4]), rtol=1e-5)
+    # Pooled by prompt text, the first group was normalised by the second's statistics:
+    pooled = PerPromptStatTracker(buffer_size=4, min_count=4).update(prompts, rewards)
+    assert pooled[0] < -80
+
+
+def test_the_trainer_normalises_each_group_by_itself():
+    from types import SimpleNamespace
+
+    import torch
+
+    from ddpo.config import load_config
+    from ddpo.trainer import compute_weights
+
+    config = load_config("tiny_cpu", ["sample.batch_size=8", "sample.images_per_prompt=4", "train.batch_size=4",
+                                      "train.stat_buffer_size=4", "train.stat_min_count=4"])
+    rewards = np.array([0.0, 1.0, 2.0, 3.0, 100.0, 101.0, 102.0, 103.0], dtype=np.float32)
+    rollout = SimpleNamespace(global_index=torch.arange(8), prompts=["a"] * 8, rewards=rewards,
+                              valid=np.ones(8, dtype=bool))
+    weights, _ = compute_weights(SimpleNamespace(device=torch.device("cpu")), rollout,
+                                 PerPromptStatTracker(4, 4), config)
+    np.testing.assert_allclose(weights.numpy()[:4], _zscore(rewards[:4]), rtol=1e-5)
+    np.testing.assert_allclose(weights.numpy()[4:], _zscore(rewards[4:]), rtol=1e-5)
