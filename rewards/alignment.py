@@ -38,11 +38,15 @@ def get_bertscorer(model: str, num_layers: int | None, device: str, batch_size: 
     key = (model, num_layers, device, batch_size)
     if key not in _SCORERS:
         from bert_score import BERTScorer
+        from bert_score.utils import model2layers
 
         from rewards.hub import require_weights
 
+        if num_layers is None and model not in model2layers:
+            raise ValueError(f"BERTScore does not know how many layers of {model!r} to use; "
+                             "pass num_layers=N (6 for all-MiniLM-L6-v2, 40 for deberta-xlarge-mnli)")
         require_weights(model, "BERTScore model", (
-            f"Download it where there is internet (`huggingface-cli download {model}`) and pass "
+            "Download it where there is internet (`huggingface-cli download NAME`) and pass "
             "bertscore_model=/local/folder, or leave bertscore_model unset for the shipped all-MiniLM-L6-v2"))
 
         try:

@@ -165,16 +165,20 @@ def _serve_parser() -> argparse.ArgumentParser:
     add("--token-env", default="DDPO_REWARD_TOKEN",
         help="environment variable holding the bearer token clients must send (unset: no auth; "
              "default %(default)s)")
-    add("--max-batch", type=_positive(int), default=64, help="most images per request (default %(default)s)")
-    add("--max-request-mb", type=_positive(float), default=64.0, help="largest request body in MiB (default %(default)s)")
-    add("--max-image-mpix", type=_positive(float), default=16.0, help="largest image, in Mpx (default %(default)s: 4096x4096)")
-    add("--max-request-mpix", type=_positive(float), default=64.0, help="most pixels in one request, in Mpx (default %(default)s)")
-    add("--max-total-mpix", type=_positive(float), default=128.0,
+    positive_int, positive = _positive(int), _positive(float)
+    add("--max-batch", type=positive_int, default=64, help="most images per request (default %(default)s)")
+    add("--max-request-mb", type=positive, default=64.0, help="largest request body in MiB (default %(default)s)")
+    add("--max-image-mpix", type=positive, default=16.0,
+        help="largest image, in Mpx (default %(default)s: 4096x4096)")
+    add("--max-request-mpix", type=positive, default=64.0,
+        help="most pixels in one request, in Mpx (default %(default)s)")
+    add("--max-total-mpix", type=positive, default=128.0,
         help="most pixels held decoded by all requests at once, in Mpx (default %(default)s)")
-    add("--workers", type=_positive(int), default=4, help="requests read and answered at once (default %(default)s)")
-    add("--queue", type=_positive(int), default=32, help="connections waiting for a worker before 503 (default %(default)s)")
-    add("--read-timeout", type=_positive(float), default=30.0, help="seconds for a request to arrive (default %(default)s)")
-    add("--reward-timeout", type=_positive(float), default=240.0,
+    add("--workers", type=positive_int, default=4, help="requests read and answered at once (default %(default)s)")
+    add("--queue", type=positive_int, default=32,
+        help="connections waiting for a worker before 503 (default %(default)s)")
+    add("--read-timeout", type=positive, default=30.0, help="seconds for a request to arrive (default %(default)s)")
+    add("--reward-timeout", type=positive, default=240.0,
         help="seconds for one reward call before 504 (default %(default)s; keep it below the client's "
              "timeout: remote's is 300)")
     return parser

@@ -54,7 +54,7 @@ def parse_request(body: bytes, max_batch: int) -> tuple[list, list[str], list[di
     """Request body -> (base64 image strings, prompts, metadata); RequestError(400/413) says what is wrong."""
     try:
         request = json.loads(body)
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:  # RecursionError: absurdly deep nesting
         raise RequestError(400, f"request body is not JSON: {err}") from None
     if not isinstance(request, dict) or not isinstance(request.get("images"), list):
         raise RequestError(400, 'request must be {"images": [base64 PNG, ...], "prompts": [...], "metadata": [...]}')
@@ -164,7 +164,7 @@ class RewardHandler(BaseHTTPRequestHandler):
         health = {"reward": self.reward_name, **self.limits.as_dict()}
         running = self.runner.stuck_for()
         if running is not None:
-            return self._reply(503, {"status": "stuck", "error": self.runner._stuck_message(running), **health},
+            return self._reply(503, {"status": "stuck", "error": self.runner.stuck_message(running), **health},
                                retry_after=self.limits.retry_after)
         self._reply(200, {"status": "ok", **health})
 
@@ -194,14 +194,14 @@ class RewardHandler(BaseHTTPRequestHandler):
             logger.warning("%s sent %d of %d body bytes; dropped", self.address_string(), len(body), length)
             return
         try:
-            status, payload = self._score(body)
+            encoded, prompts, metadata = parse_request(body, self.limits.max_batch)
+            del body  # the parsed strings replace it; each is dropped in turn as its image is opened
+            payload = self._score(encoded, prompts, metadata)
         except RequestError as err:
             return self._reply(err.status, {"error": str(err)}, retry_after=err.retry_after)
-        self._reply(status, payload)
+        self._reply(200, payload)
 
-    def _score(self, body: bytes) -> tuple[int, dict]:
-        encoded, prompts, metadata = parse_request(body, self.limits.max_batch)
-        del body
+    def _score(self, encoded: list, prompts: list[str], metadata: list[dict]) -> dict:
         lazy, pixels = open_images(encoded, self.limits)
         release = self.budget.reserve(pixels)
         if release is None:
@@ -216,7 +216,7 @@ class RewardHandler(BaseHTTPRequestHandler):
         del lazy
         return self._run(images, prompts, metadata, release)
 
-    def _run(self, images: list, prompts: list[str], metadata: list[dict], release: Callable[[], None]):
+    def _run(self, images: list, prompts: list[str], metadata: list[dict], release: Callable[[], None]) -> dict:
         name, retry = self.reward_name, self.limits.retry_after
         try:
             scores, info = self.runner(images, prompts, metadata, release)
@@ -228,7 +228,7 @@ class RewardHandler(BaseHTTPRequestHandler):
         except Exception as err:  # the reward's own failure: report it, keep serving
             logger.error("reward %r failed on prompts %s", name, prompts, exc_info=err)
             raise RequestError(500, f"reward {name!r} raised {type(err).__name__}: {err}") from None
-        return 200, {"scores": np.asarray(scores, dtype=np.float64).tolist(), "info": info}
+        return {"scores": np.asarray(scores, dtype=np.float64).tolist(), "info": info}
 
     def log_message(self, format: str, *args: Any) -> None:
         logger.info("%s %s", self.address_string(), format % args)

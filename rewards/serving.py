@@ -121,7 +121,7 @@ class RewardRunner:
         running = None if started is None else time.monotonic() - started
         return running if running is not None and running > self.timeout else None
 
-    def _stuck_message(self, running: float) -> str:
+    def stuck_message(self, running: float) -> str:
         return (f"reward {self.name!r} has not returned for {running:.1f} s (--reward-timeout {self.timeout:g} s); "
                 "no request can be scored until it does: restart the server if it stays stuck")
 
@@ -134,7 +134,7 @@ class RewardRunner:
             running = self.stuck_for()
             if running is not None:
                 release()
-                raise RewardStuck(self._stuck_message(running))
+                raise RewardStuck(self.stuck_message(running))
         outcome: dict[str, Any] = {}
         done = threading.Event()
 
