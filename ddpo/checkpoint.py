@@ -4,7 +4,7 @@ A checkpoint folder holds
 - `pytorch_lora_weights.safetensors` (LoRA; loadable by diffusers' `pipe.load_lora_weights(folder)`) or `unet/`
   (full finetuning; a diffusers UNet folder),
 - `optimizer.pt` (the optimizer's state, loaded with `weights_only=True`),
-- `trainer_state.json` (epoch, step, per-prompt stat-tracker buffers, RNG states),
+- `trainer_state.json` (`epochs_done`, per-prompt stat-tracker buffers, RNG states),
 - `config.yaml` (the resolved config), and
 - `manifest.json` (sha256 of every file above), written last: a folder without a valid manifest is refused, and
   so is one whose manifest leaves out a file the checkpoint needs or that holds files the manifest does not list.
@@ -42,8 +42,15 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, or does not fit the run's config."""
 
 
-def checkpoint_dir(run_dir: Path, epoch: int) -> Path:
-    return run_dir / "checkpoints" / f"epoch_{epoch:04d}"
+def checkpoint_dir(run_dir: Path, epochs_done: int) -> Path:
+    """The folder of the checkpoint taken after `epochs_done` epochs: epoch_0001 after the first."""
+    return run_dir / "checkpoints" / f"epoch_{epochs_done:04d}"
+
+
+def epochs_done(state: dict) -> int:
+    """Epochs a checkpoint's trainer state has completed. States written before epochs were numbered from 1
+    hold only the 0-based index of the last epoch in `epoch`."""
+    return int(state["epochs_done"]) if "epochs_done" in state else int(state["epoch"]) + 1
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -73,13 +80,13 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def write_checkpoint(run_dir: Path, epoch: int, *, weights_writer, optimizer_state: dict, trainer_state: dict,
+def write_checkpoint(run_dir: Path, epochs_done: int, *, weights_writer, optimizer_state: dict, trainer_state: dict,
                      config: Config, keep_last: int) -> Path:
-    """Write epoch `epoch`'s checkpoint atomically; keep the newest `keep_last`. Main process only.
+    """Write the checkpoint after `epochs_done` epochs atomically; keep the newest `keep_last`. Main process only.
 
     `weights_writer(folder)` saves the model weights (LoRA file or unet/ folder) into `folder`.
     """
-    final = checkpoint_dir(run_dir, epoch)
+    final = checkpoint_dir(run_dir, epochs_done)
     tmp = final.with_name(f".tmp-{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -174,17 +181,23 @@ def check_compatible(folder: Path, config: Config) -> None:
 
 
 def read_trainer_state(folder: Path) -> dict:
-    """trainer_state.json: a mapping with at least `epoch` (int >= 0) and `rng`."""
+    """trainer_state.json: a mapping with at least `epoch` (int >= 0), `rng` and, since epochs are numbered from 1,
+    `epochs_done` (int >= 1)."""
     path = folder / "trainer_state.json"
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path} is not readable JSON ({err}). {_what_to_do(folder)}") from None
     epoch = state.get("epoch") if isinstance(state, dict) else None
-    if not (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0 and isinstance(state.get("rng"), dict)):
+    done = state.get("epochs_done", 1) if isinstance(state, dict) else None  # absent in states from before 1..N
+    if not (_is_int(epoch) and epoch >= 0 and _is_int(done) and done >= 1 and isinstance(state.get("rng"), dict)):
         raise CheckpointError(f"{path} is not a ddpo trainer state (it needs an `epoch` >= 0 and `rng`). "
                               f"{_what_to_do(folder)}")
     return state
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def read_optimizer_state(folder: Path) -> dict:

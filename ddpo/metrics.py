@@ -41,13 +41,16 @@ def append_metrics(path: Path, row: dict[str, Any]) -> None:
         f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
 
 
-def truncate_metrics(path: Path, last_epoch: int) -> None:
-    """Keep only rows with epoch <= last_epoch (a resumed run redoes the epochs after its checkpoint)."""
+def truncate_metrics(path: Path, epochs_done: int) -> None:
+    """Keep only the rows of epochs 1..epochs_done (a resumed run redoes the epochs after its checkpoint).
+
+    Rows are numbered 1..N; a file written before that numbering (its first row is epoch 0) is renumbered."""
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line)["epoch"] <= last_epoch]
-    path.write_text("".join(line + "\n" for line in kept))
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    shift = 1 if rows and rows[0].get("epoch") == 0 else 0
+    kept = [{**row, "epoch": row["epoch"] + shift} for row in rows if row["epoch"] + shift <= epochs_done]
+    path.write_text("".join(json.dumps(row) + "\n" for row in kept))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -60,7 +63,7 @@ def epoch_line(row: dict[str, Any], num_epochs: int) -> str:
         value = row.get(key)
         return "n/a" if value is None else format(value, spec)
 
-    line = (f"epoch {row['epoch'] + 1}/{num_epochs}  reward {fmt('reward_mean', '.4f')} ± {fmt('reward_std', '.4f')}"
+    line = (f"epoch {row['epoch']}/{num_epochs}  reward {fmt('reward_mean', '.4f')} ± {fmt('reward_std', '.4f')}"
             f"  loss {fmt('loss', '.3g')}  kl {fmt('approx_kl', '.2e')}  clipfrac {fmt('clipfrac', '.3f')}"
             f"  {fmt('samples_per_s', '.2f')} samples/s (sample {row['sample_s']:.1f}s, reward wait "
             f"{row['reward_s']:.1f}s, train {row['train_s']:.1f}s)")
@@ -71,6 +74,19 @@ def epoch_line(row: dict[str, Any], num_epochs: int) -> str:
     if row.get("eval_reward_mean") is not None:
         line += f"  eval reward {row['eval_reward_mean']:.4f}"
     return line
+
+
+def run_folder_line(run_dir: Path, config, resumed: bool = False) -> str:
+    """Where a run writes, printed when it starts and ends: the folder and what to look at in it."""
+    log = config.logging
+    what = [f"metrics.jsonl (a row per epoch)"]
+    if log.sample_grid:
+        what.append("samples/epoch_NNNN.png (a grid per epoch)")
+    every = "every epoch" if log.save_every == 1 else f"every {log.save_every} epochs"
+    what.append(f"checkpoints/epoch_NNNN/ ({every}, newest {log.keep_last} kept)")
+    board = (f"TensorBoard: tensorboard --logdir {run_dir}" if log.tensorboard
+             else "TensorBoard: off (logging.tensorboard=true turns it on)")
+    return f"run folder {run_dir}{' (resumed)' if resumed else ''}: " + ", ".join(what) + f"; {board}"
 
 
 def save_grid(images: np.ndarray, captions: list[str], path: Path, columns: int = 4) -> None:

@@ -68,7 +68,11 @@ def main(argv: list[str]) -> int:
         return 1
     except KeyboardInterrupt as err:
         return _interrupted(err)
-    print(f"done: {run_dir}")
+    from ddpo.checkpoint import list_checkpoints
+
+    saved = list_checkpoints(run_dir)
+    newest = f"; newest checkpoint {saved[-1]}" if saved else ""
+    print(f"done: run folder {run_dir} (metrics.jsonl, samples/, checkpoints/){newest}")
     return 0
 
 

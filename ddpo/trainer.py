@@ -27,7 +27,7 @@ from ddpo import checkpoint as ckpt
 from ddpo.advantages import PerPromptStatTracker, batch_advantages, group_advantages
 from ddpo.config import Config, ConfigError, config_from_file, save_config
 from ddpo.losses import NonFiniteError
-from ddpo.metrics import append_metrics, epoch_line, save_grid, truncate_metrics
+from ddpo.metrics import append_metrics, epoch_line, run_folder_line, save_grid, truncate_metrics
 from ddpo.pipeline import load_pipeline, load_trained_weights, prepare_unet, save_trained_weights
 from ddpo.reward_pool import RewardPool
 from ddpo.rollout import Rollout, collect_rollout, evaluate
@@ -52,7 +52,8 @@ def make_accelerator(config: Config, run_dir: Path):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    trackers = [name for name, on in (("tensorboard", config.logging.tensorboard), ("wandb", config.logging.wandb)) if on]
+    trackers = [name for name, on in (("tensorboard", config.logging.tensorboard and _has_tensorboard()),
+                                      ("wandb", config.logging.wandb)) if on]
     accelerator = Accelerator(mixed_precision=config.model.mixed_precision, log_with=trackers or None,
                               cpu=not torch.cuda.is_available(),
                               project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)))
@@ -166,19 +167,22 @@ def train(config: Config, resume: str | None = None) -> Path:
         if is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, run_dir / "config.yaml")
-            truncate_metrics(run_dir / "metrics.jsonl", start_epoch - 1)
+            truncate_metrics(run_dir / "metrics.jsonl", start_epoch)
             accelerator.init_trackers("ddpo", config=_flat(config.to_dict()))
+            print(run_folder_line(run_dir, config, resumed=resume_from is not None), flush=True)
         baseline = {}
         if config.prompts.eval_every and start_epoch == 0:  # "before" for the before/after comparison
             baseline["eval_reward_before"] = _evaluation(config, pipe, unet, grammar, reward_pool, accelerator,
                                                          run_dir / "samples" / "eval_before.png")
+        # `epoch` is the 0-based index that seeds the epoch's draws; everything a person reads (console, metrics,
+        # grids, checkpoint folders) numbers epochs 1..N: `epoch + 1`, the number of epochs completed.
         for epoch in range(start_epoch, config.train.num_epochs):
             row = _run_epoch(config, epoch, pipe, unet, optimizer, accelerator, params, grammar, reward_pool,
                              tracker, run_dir, progress)
             row.update(baseline if epoch == 0 else {})
             if is_main:
                 append_metrics(run_dir / "metrics.jsonl", row)
-                accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch)
+                accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch + 1)
                 print(epoch_line(row, config.train.num_epochs), flush=True)
             if (epoch + 1) % config.logging.save_every == 0 or epoch + 1 == config.train.num_epochs:
                 _save(run_dir, epoch, accelerator, unet, optimizer, params, tracker, config)
@@ -195,9 +199,19 @@ def train(config: Config, resume: str | None = None) -> Path:
     return run_dir
 
 
+def _has_tensorboard() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
+
+
 def _check_trackers(config: Config) -> None:
     import importlib.util
 
+    if config.logging.tensorboard and not _has_tensorboard():
+        # accelerate would drop the tracker with a debug-level note only; a user who asked for it should know.
+        logger.warning("logging.tensorboard=true but tensorboard is not installed: this run writes no TensorBoard "
+                       "files (pip install tensorboard, or set logging.tensorboard=false)")
     if config.logging.wandb and importlib.util.find_spec("wandb") is None:
         raise MissingExtraError("logging.wandb=true needs wandb: pip install wandb (or pip install 'ddpo[wandb]'), "
                           "or set logging.wandb=false")
@@ -231,18 +245,18 @@ def _run_epoch(config, epoch, pipe, unet, optimizer, accelerator, params, gramma
                               accelerator.num_processes, accelerator.device, accelerator.autocast, progress)
     weights, stats = compute_weights(accelerator, rollout, tracker, config)
     if accelerator.is_main_process and config.logging.sample_grid:
-        _save_grid(rollout, run_dir / "samples" / f"epoch_{epoch:04d}.png")
+        _save_grid(rollout, run_dir / "samples" / f"epoch_{epoch + 1:04d}.png")
     train_start = time.perf_counter()
     unet.train()
     losses = policy_update(unet, pipe.scheduler, optimizer, accelerator, params, rollout, weights, config, epoch,
                            progress)
     train_s = time.perf_counter() - train_start
-    row = {"epoch": epoch, **stats, **losses, "sample_s": rollout.sample_s, "reward_s": rollout.reward_s,
+    row = {"epoch": epoch + 1, **stats, **losses, "sample_s": rollout.sample_s, "reward_s": rollout.reward_s,
            "train_s": train_s}
     p = config.prompts
     if p.eval_every and (epoch + 1) % p.eval_every == 0:
         row["eval_reward_mean"] = _evaluation(config, pipe, policy, grammar, reward_pool, accelerator,
-                                              run_dir / "samples" / f"eval_epoch_{epoch:04d}.png")
+                                              run_dir / "samples" / f"eval_epoch_{epoch + 1:04d}.png")
     row["epoch_s"] = time.perf_counter() - start
     row["samples_per_s"] = stats["num_samples"] / row["epoch_s"]
     return row
@@ -258,7 +272,8 @@ def _evaluation(config, pipe, unet, grammar, reward_pool, accelerator, grid_path
     if accelerator.is_main_process and config.logging.sample_grid and len(result.prompts):
         images = (result.images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
         save_grid(images, [f"{t} | r={r:.3f}" for t, r in zip(result.prompts, result.rewards)], grid_path)
-    return float(np.mean(gather_object(result.rewards.tolist())))
+    by_position = dict(gather_object(list(zip(result.positions, result.rewards.tolist()))))
+    return float(np.mean([by_position[i] for i in sorted(by_position)]))  # the same sum on any number of processes
 
 
 def _save_grid(rollout: Rollout, path: Path, max_images: int = 16) -> None:
@@ -275,11 +290,12 @@ def _save(run_dir, epoch, accelerator, unet, optimizer, params, tracker, config)
     accelerator.wait_for_everyone()
     _check_finite_state(params, optimizer, epoch)
     if accelerator.is_main_process:
-        state = {"epoch": epoch, "num_processes": accelerator.num_processes, "rng": ckpt.rng_state(),
+        done = epoch + 1
+        state = {"epoch": done, "epochs_done": done, "num_processes": accelerator.num_processes, "rng": ckpt.rng_state(),
                  "stat_tracker": tracker.state_dict() if tracker is not None else None}
         policy = accelerator.unwrap_model(unet)
         with _signals_deferred():
-            ckpt.write_checkpoint(run_dir, epoch,
+            ckpt.write_checkpoint(run_dir, done,
                                   weights_writer=lambda folder: save_trained_weights(policy, folder,
                                                                                      config.model.use_lora),
                                   optimizer_state=optimizer.state_dict(), trainer_state=state, config=config,
@@ -294,7 +310,7 @@ def _check_finite_state(params: list, optimizer, epoch: int) -> None:
                if torch.is_tensor(v) and v.is_floating_point()]
     bad_moments = sum(not bool(torch.isfinite(v).all()) for v in moments)
     if bad or bad_moments:
-        raise NonFiniteError(f"not saving epoch {epoch}'s checkpoint: {bad} of {len(params)} trained weight tensors "
+        raise NonFiniteError(f"not saving epoch {epoch + 1}'s checkpoint: {bad} of {len(params)} trained weight tensors "
                              f"and {bad_moments} of {len(moments)} optimizer tensors hold NaN/inf (earlier checkpoints "
                              "are intact). Training diverged: lower train.learning_rate and resume from the last "
                              "checkpoint.")
@@ -333,8 +349,9 @@ def _restore(folder: Path, accelerator, unet, optimizer, tracker, config) -> int
         tracker.load_state_dict({**state["stat_tracker"], "buffer_size": tracker.buffer_size,
                                  "min_count": tracker.min_count})
     ckpt.set_rng_state(state["rng"])
-    logger.info("resumed from %s (epoch %d done)", folder, state["epoch"])
-    return state["epoch"] + 1
+    done = ckpt.epochs_done(state)
+    logger.info("resumed from %s (%d epochs done)", folder, done)
+    return done
 
 
 def _check_resumable(folder: Path, config: Config) -> None:

@@ -40,10 +40,10 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
     assert straight.wait() == 0, straight.stderr.read()
     final_a = load_file(list_checkpoints(tmp_path / "straight")[-1] / "pytorch_lora_weights.safetensors")
     final_b = load_file(list_checkpoints(run_dir)[-1] / "pytorch_lora_weights.safetensors")
-    assert list_checkpoints(run_dir)[-1].name == "epoch_0003"
+    assert list_checkpoints(run_dir)[-1].name == "epoch_0004"
     for key in final_a:
         assert torch.allclose(final_a[key], final_b[key], rtol=0, atol=1e-6), key
     rows_a = read_metrics(tmp_path / "straight" / "metrics.jsonl")
     rows_b = read_metrics(run_dir / "metrics.jsonl")
-    assert [r["epoch"] for r in rows_b] == [0, 1, 2, 3]  # no duplicated rows for the redone epoch
+    assert [r["epoch"] for r in rows_b] == [1, 2, 3, 4]  # no duplicated rows for the redone epoch
     assert [r["reward_mean"] for r in rows_a] == [r["reward_mean"] for r in rows_b]

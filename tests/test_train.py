@@ -27,7 +27,7 @@ def lora(folder):
 def test_two_epochs_of_each_algorithm(tmp_path, algorithm):
     run_dir = run(tmp_path, f"train.algorithm={algorithm}", "reward.name=rewards_for_tests:brightness")
     rows = read_metrics(run_dir / "metrics.jsonl")
-    assert [r["epoch"] for r in rows] == [0, 1]
+    assert [r["epoch"] for r in rows] == [1, 2]  # epochs are numbered 1..N everywhere
     for row in rows:
         assert set(REQUIRED_KEYS) <= set(row)
         assert np.isfinite(row["loss"]) and row["num_samples"] == 4 and row["samples_per_s"] > 0
@@ -38,7 +38,8 @@ def test_two_epochs_of_each_algorithm(tmp_path, algorithm):
     first, last = list_checkpoints(run_dir)
     changed = [not torch.equal(a, b) for a, b in zip(lora(first).values(), lora(last).values())]
     assert any(changed), "the second epoch's update did not change the LoRA weights"
-    assert (run_dir / "samples" / "epoch_0001.png").is_file()
+    assert [p.name for p in (first, last)] == ["epoch_0001", "epoch_0002"]
+    assert sorted(p.name for p in (run_dir / "samples").glob("epoch_*.png")) == ["epoch_0001.png", "epoch_0002.png"]
     assert (run_dir / "config.yaml").is_file() and (first / "config.yaml").is_file()
 
 
@@ -96,7 +97,7 @@ def test_failing_reward_names_the_prompt_and_keeps_the_checkpoint(tmp_path):
                                       "train.num_epochs=2", *reward])
     with pytest.raises(RewardError, match=r"raised ValueError: the reward model crashed\n  on prompts: \['"):
         train(config, resume=str(run_dir))
-    assert find_checkpoint(run_dir).name == "epoch_0000"  # verified intact
+    assert find_checkpoint(run_dir).name == "epoch_0001"  # verified intact
     assert len(read_metrics(run_dir / "metrics.jsonl")) == 1
 
 

@@ -40,4 +40,4 @@ def test_eval_reward_is_logged_every_k_epochs(tmp_path):
     assert rows[0]["eval_reward_before"] < 0 and "eval_reward_before" not in rows[1]
     # Before/after grids of the same prompts and noise.
     assert (run_dir / "samples" / "eval_before.png").is_file()
-    assert (run_dir / "samples" / "eval_epoch_0001.png").is_file()
+    assert (run_dir / "samples" / "eval_epoch_0002.png").is_file()

@@ -84,8 +84,8 @@ def test_a_signal_ends_a_run_whose_reward_hangs(tmp_path, sig, executor):
     assert time.monotonic() - sent < 10
     assert proc.returncode == 128 + sig, stderr
     assert "Traceback" not in stderr, stderr
-    assert f"stopped by {sig.name}; " in stderr and "epoch_0000 is the newest checkpoint" in stderr, stderr
-    assert find_checkpoint(tmp_path / "run").name == "epoch_0000"  # verified against its manifest
+    assert f"stopped by {sig.name}; " in stderr and "epoch_0001 is the newest checkpoint" in stderr, stderr
+    assert find_checkpoint(tmp_path / "run").name == "epoch_0001"  # verified against its manifest
     worker = int(marker.read_text())
     if worker != proc.pid:  # the process executor's worker: gone with the trainer
         time.sleep(0.5)
@@ -130,7 +130,7 @@ def test_learning_rate_1e6_stops_with_a_message_and_no_nan_checkpoint(tmp_path, 
 def test_skipped_nonfinite_steps_are_counted_and_logged_as_strings(tmp_path):
     run_dir = run(tmp_path, "train.learning_rate=1e6", "train.on_nonfinite=skip")
     rows = read_metrics(run_dir / "metrics.jsonl")
-    assert [r["epoch"] for r in rows] == [0, 1]
+    assert [r["epoch"] for r in rows] == [1, 2]
     assert rows[0]["nonfinite_steps"] == 1 and rows[1]["nonfinite_steps"] == 2  # of 2 optimizer steps per epoch
     raw = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert raw[1]["loss"] == "nan" and math.isnan(rows[1]["loss"])  # every step skipped: no loss, not "n/a"

@@ -1,0 +1,75 @@
+"""What a new user sees in the first hour: one epoch numbering (1..N), the run folder announced at the start,
+resume from checkpoints written before that numbering, preset descriptions, key suggestions, quiet logs."""
+
+import json
+import shutil
+
+import pytest
+
+from ddpo.checkpoint import list_checkpoints
+from ddpo.config import load_config
+from ddpo.manifest import sha256_file
+from ddpo.metrics import read_metrics, truncate_metrics
+from ddpo.train_cli import main as train_main
+
+
+def _tiny(tmp_path, *overrides):
+    return ["tiny_cpu", f"logging.output_dir={tmp_path}", "logging.run_name=run", *overrides]
+
+
+def _as_old_checkpoint(run_dir):
+    """Rewrite a run of one epoch as the trainer wrote it before epochs were numbered 1..N: folder epoch_0000,
+    trainer state {"epoch": 0} without epochs_done, metrics row "epoch": 0 (a valid manifest, as then)."""
+    new = run_dir / "checkpoints" / "epoch_0001"
+    old = new.with_name("epoch_0000")
+    new.rename(old)
+    state = json.loads((old / "trainer_state.json").read_text())
+    del state["epochs_done"]
+    state["epoch"] = 0
+    (old / "trainer_state.json").write_text(json.dumps(state))
+    manifest = {name: sha256_file(old / name) for name in json.loads((old / "manifest.json").read_text())}
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({**r, "epoch": r["epoch"] - 1}) + "\n" for r in rows))
+    return old
+
+
+def test_console_metrics_grids_and_checkpoints_count_epochs_from_one(tmp_path, capsys):
+    assert train_main(_tiny(tmp_path, "train.num_epochs=2", "logging.save_every=2")) == 0
+    out = capsys.readouterr().out.splitlines()
+    run_dir = tmp_path / "run"
+    # The run folder comes first, before any epoch, and again at the end with the newest checkpoint.
+    assert out[0].startswith(f"run folder {run_dir}: metrics.jsonl") and "checkpoints/epoch_NNNN/" in out[0]
+    assert "TensorBoard: off (logging.tensorboard=true turns it on)" in out[0]
+    assert [line.split()[1] for line in out if line.startswith("epoch ")] == ["1/2", "2/2"]
+    assert out[-1] == f"done: run folder {run_dir} (metrics.jsonl, samples/, checkpoints/); newest checkpoint " \
+                      f"{run_dir / 'checkpoints' / 'epoch_0002'}"
+    assert [r["epoch"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2]
+    assert [p.name for p in list_checkpoints(run_dir)] == ["epoch_0002"]  # save_every=2: after the second epoch
+    state = json.loads((list_checkpoints(run_dir)[0] / "trainer_state.json").read_text())
+    assert state["epochs_done"] == state["epoch"] == 2
+
+
+def test_resume_from_a_checkpoint_written_before_one_based_epochs(tmp_path, capsys):
+    assert train_main(_tiny(tmp_path, "train.num_epochs=1")) == 0
+    run_dir = tmp_path / "run"
+    first_row = read_metrics(run_dir / "metrics.jsonl")[0]
+    _as_old_checkpoint(run_dir)
+    capsys.readouterr()
+    assert train_main(["--resume", str(run_dir), "train.num_epochs=2"]) == 0
+    out = capsys.readouterr().out
+    assert "(resumed)" in out and "epoch 2/2" in out and "epoch 1/2" not in out  # epoch 1 is not redone
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[0]["reward_mean"] == first_row["reward_mean"]
+    assert [p.name for p in list_checkpoints(run_dir)] == ["epoch_0000", "epoch_0002"]
+
+
+def test_truncate_metrics_renumbers_old_rows_once(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"epoch": e, "loss": 0.5}) + "\n" for e in range(4)))
+    truncate_metrics(path, 3)  # an old file (first row 0): rows become 1..4, those after epoch 3 are dropped
+    assert [r["epoch"] for r in read_metrics(path)] == [1, 2, 3]
+    truncate_metrics(path, 3)  # now 1-based: unchanged
+    assert [r["epoch"] for r in read_metrics(path)] == [1, 2, 3]
+    truncate_metrics(path, 0)
+    assert path.read_text() == ""
