@@ -71,7 +71,8 @@ def column(table, name):
 
 def test_compare_scores_agreement_and_composition(app):
     client, _, _ = app
-    gallery, table, agreement, _, notes = compare(client, weights="jpeg_compressibility: 1, jpeg_incompressibility: 1")
+    gallery, table, agreement, _, notes, cards = compare(client,
+                                                         weights="jpeg_compressibility: 1, jpeg_incompressibility: 1")
     assert len(gallery) == 3 and all(Path(item["image"]).is_file() for item in gallery)
     assert "seed 5" in gallery[0]["caption"] and "jpeg_compressibility" in gallery[0]["caption"]
     assert table["headers"] == ["image", "seed", "prompt", "jpeg_compressibility", "jpeg_incompressibility", "compose"]
@@ -85,13 +86,16 @@ def test_compare_scores_agreement_and_composition(app):
     assert agreement["data"][0][1] == pytest.approx(1.0)
     assert agreement["data"][0][2] == pytest.approx(-1.0)
     assert notes == ""
+    # every score on a line of its own under its image, never cut
+    first = f"{column(table, 'jpeg_incompressibility')[0]:.4f}"
+    assert cards.count("class='ddpo-card'") == 3 and f"<b>{first}</b>" in cards and "seed 7" in cards
 
 
 def test_compare_prompts_from_grammar(app):
     from prompts import load_grammar
 
     client, _, _ = app
-    _, table, _, _, _ = compare(client, source="n prompts from a grammar", n=4, seed=2, split="train",
+    _, table, _, _, _, _ = compare(client, source="n prompts from a grammar", n=4, seed=2, split="train",
                                 rewards=["jpeg_compressibility"])
     assert [row[2] for row in table["data"]] == [p.text for p in load_grammar("simple_animals").sample(4, 2, "train")]
 
@@ -118,7 +122,7 @@ def test_compare_rejects_bad_input_with_a_readable_message(app, change, message)
 
 def test_one_failing_reward_does_not_hide_the_others(app):
     client, _, _ = app
-    _, table, _, _, notes = compare(client, n=1, rewards=["jpeg_compressibility", "aesthetic"])
+    _, table, _, _, notes, _ = compare(client, n=1, rewards=["jpeg_compressibility", "aesthetic"])
     assert table["headers"][3:] == ["jpeg_compressibility"]
     assert "aesthetic" in notes and "no-clip-here" in notes
 
@@ -127,7 +131,7 @@ def test_one_failing_reward_does_not_hide_the_others(app):
 def test_vlm_captions_are_shown(app, options):
     """The operator's captioner is the default, and the one captioner beyond the local ones a browser may pick."""
     client, _, _ = app
-    _, table, _, captions, _ = compare(client, n=2, rewards=["vlm_bertscore"], options=options)
+    _, table, _, captions, _, _ = compare(client, n=2, rewards=["vlm_bertscore"], options=options)
     assert [row[1] for row in captions["data"]] == ["vlm_bertscore", "vlm_bertscore"]
     assert all(row[2] in ("pixel bright", "pixel dark") for row in captions["data"])
     assert all(row[3] == "a cat" for row in captions["data"])  # the reference sentence BERTScore compared with
@@ -145,7 +149,7 @@ def test_score_uploaded_images(app, tmp_path):
     for i, image in enumerate(images):
         image.save(tmp_path / f"{i}.png")
         files.append(handle_file(str(tmp_path / f"{i}.png")))
-    gallery, table, _, _, _ = client.predict(files, "a square", ["jpeg_compressibility"], "", "none", "{}",
+    gallery, table, _, _, _, _ = client.predict(files, "a square", ["jpeg_compressibility"], "", "none", "{}",
                                              api_name="/score_uploads")
     assert len(gallery) == 2 and [row[2] for row in table["data"]] == ["a square", "a square"]
     expected = build_reward("jpeg_compressibility")(images, ["a square"] * 2, None)[0]
@@ -157,8 +161,11 @@ def test_base_vs_finetuned_deltas(app):
     client, settings, _ = app
     args = ["tiny-random", "tiny", "typed prompt (n seeds)", "a dog", "simple_animals", "all", 2, 11, 2, 3.0,
             ["jpeg_compressibility"], "", "none", "{}"]
-    base, tuned, summary, table = client.predict(*args, api_name="/base_vs_finetuned")
+    base, tuned, summary, table, pairs = client.predict(*args, api_name="/base_vs_finetuned")
     assert len(base) == len(tuned) == 2
+    # the paired view: one row per seed, two images each, the seed and the delta of each reward
+    assert pairs.count("class='ddpo-pair'") == 2 and pairs.count("<img ") == 4 and "seed 12" in pairs
+    assert table["headers"][:4] == ["image", "seed", "jpeg_compressibility delta", "prompt"]
     b, t, d = (column(table, f"jpeg_compressibility {k}") for k in ("base", "finetuned", "delta"))
     np.testing.assert_allclose(b, direct_scores(["a dog"] * 2, 11, 2, 3.0, "jpeg_compressibility"), atol=1e-3)
     lora = str(settings.runs_dir / "tiny")
@@ -184,7 +191,7 @@ def test_prompts_tab_samples_and_heldout(app):
 def wait_for(client, run, done, timeout=120.0):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        status = client.predict(run, api_name="/train_status")
+        status = client.predict(run, [], 0, api_name="/train_status")
         if done(status[0]):
             return status
         time.sleep(1.0)
@@ -197,14 +204,18 @@ def test_train_start_watch_and_refuse_a_second_run(app):
     assert "ui-run" in status and watch["value"] == "ui-run"
     with pytest.raises(AppError, match="still training"):
         client.predict(*TINY_TRAIN[:1], "ui-run-2", *TINY_TRAIN[1:], "", api_name="/train_start")
-    status, curve, grid, log, runs = wait_for(client, "ui-run", lambda s: "training" not in s)
-    assert "finished" in status, log
+    status, bar, plot, grid, log, table, runs, *_ = wait_for(client, "ui-run", lambda s: any(
+        word in s for word in ("finished", "failed", "stopped")))
+    assert "finished, 2/2 epochs" in status, log
     from ddpo.metrics import read_metrics
 
     metrics = read_metrics(settings.runs_dir / "ui-run" / "metrics.jsonl")
-    assert len(metrics) == 2 and curve["columns"] == ["epoch", "value", "metric"]
-    assert [(row[0], row[2]) for row in curve["data"]] == [(0, "reward_mean"), (1, "reward_mean")]
-    np.testing.assert_allclose([row[1] for row in curve["data"]], [m["reward_mean"] for m in metrics], rtol=1e-6)
+    # the table is metrics.jsonl, epochs numbered from 1 as in the log ("epoch 1/2")
+    assert len(metrics) == 2 and table["headers"][:3] == ["epoch", "reward_mean", "reward_std"]
+    assert [row[0] for row in table["data"]] == [1, 2] and "epoch 2/2" in log
+    np.testing.assert_allclose([row[1] for row in table["data"]], [m["reward_mean"] for m in metrics], rtol=1e-3)
+    assert plot["type"] == "matplotlib" and plot["plot"].startswith("data:image/png;base64,")
+    assert "max='2' value='2'" in bar
     assert grid is not None and Path(grid).is_file()
     assert "ui-run" in [row[0] for row in runs["data"]]
     with pytest.raises(AppError, match="already exists"):
@@ -221,7 +232,7 @@ def test_train_stop_and_blocked_overrides(app):
     process = demo.training.process
     assert "stopped" in client.predict(api_name="/train_stop")
     assert process.poll() is not None
-    assert "stopped" in client.predict("long", api_name="/train_status")[0]
+    assert "stopped by you" in client.predict("long", [], 0, api_name="/train_status")[0]
 
 
 @pytest.fixture(scope="module")
@@ -239,15 +250,17 @@ def test_steering_base_against_steered(app, steering_run):
     from ddpo.steering.api import run_episodes
 
     client, settings, _ = app
-    summary, table, gif = client.predict("Pendulum-v1", "shipped", "pend", 2, 3, False, api_name="/steer")
+    summary, table, gif, chart = client.predict("Pendulum-v1", "shipped", "pend", 2, 3, False, api_name="/steer")
     base, steered, _ = run_episodes("Pendulum-v1", None, str(steering_run), n=2, seed=3, render=False)
     assert [row[1] for row in table["data"]] == [3, 4]
     np.testing.assert_allclose(column(table, "base return"), base, atol=1e-3)
     np.testing.assert_allclose(column(table, "steered return"), steered, atol=1e-3)
-    assert "Steered" in summary and gif is None
-    summary, table, gif = client.predict("Pendulum-v1", "shipped", "(none: base policy only)", 1, 3, True,
+    assert "Steered" in summary and gif["value"] is None and gif["label"] == "First episode: base (left) | steered (right)"
+    assert chart["type"] == "matplotlib"
+    summary, table, gif, chart = client.predict("Pendulum-v1", "shipped", "(none: base policy only)", 1, 3, True,
                                          api_name="/steer")
-    assert table["data"][0][3] is None and "Steered" not in summary
-    assert Path(gif).is_file() and Path(gif).read_bytes()[:3] == b"GIF"
+    assert table["data"][0][3] is None and "Steered" not in summary and gif["label"] == "First episode: base policy"
+    path = gif["value"]["path"] if isinstance(gif["value"], dict) else gif["value"]
+    assert Path(path).is_file() and Path(path).read_bytes()[:3] == b"GIF"
     with pytest.raises(AppError, match="is not a Pendulum-v1 run"):
         client.predict("Pendulum-v1", "shipped", "../pend", 1, 0, False, api_name="/steer")

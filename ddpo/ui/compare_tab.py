@@ -6,7 +6,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from ddpo.ui import reward_options, scoring
+from ddpo.ui import cards, reward_options, scoring
 from ddpo.ui.pickers import NO_CHECKPOINT, checkpoint_choices, model_choices, resolve_checkpoint, resolve_model
 from ddpo.ui.settings import AppSettings, UIError
 from ddpo.ui.widgets import check_generation, generation_inputs, readable_errors, reward_choices
@@ -24,8 +24,15 @@ def default_rewards(settings: AppSettings, model: str) -> list[str]:
 
 def reward_inputs(settings: AppSettings, model: str, prefix: str) -> list:
     """[rewards, weights, normalize, reward options] components; `reward_options.reward_jobs` checks their values."""
-    rewards = gr.CheckboxGroup(reward_choices(settings), value=default_rewards(settings, model), label="Rewards",
+    from ddpo.ui.availability import availability_note, unavailable_rewards
+
+    names = reward_choices(settings)
+    missing = unavailable_rewards(names, settings.reward_config)
+    choices = [(f"{n} (not available here)" if n in missing else n, n) for n in names]
+    rewards = gr.CheckboxGroup(choices, value=default_rewards(settings, model), label="Rewards",
                                elem_id=f"{prefix}-rewards")
+    if missing:
+        gr.Markdown(availability_note(missing), elem_id=f"{prefix}-rewards-missing")
     with gr.Accordion("Composed reward and reward options", open=False):
         weights = gr.Textbox("", label="Composed reward: 'name: weight' pairs (empty: none)",
                              placeholder="jpeg_compressibility: 1.0, vlm_bertscore: 2.0", elem_id=f"{prefix}-weights")
@@ -36,14 +43,17 @@ def reward_inputs(settings: AppSettings, model: str, prefix: str) -> list:
 
 
 def results(scored: scoring.Scored, images, prompts: list[str], seeds: list) -> tuple:
-    """Gallery, scores table, agreement table, captions table, notes: the outputs of both actions."""
+    """Gallery, scores table, agreement table, captions table, notes, score cards: the outputs of both actions."""
+    from rewards.images import to_pil
+
+    small = images if isinstance(images, list) else to_pil(images)
     gallery = list(zip(scoring.to_display(images), scoring.gallery_captions(scored, seeds)))
     headers, rows = scoring.score_rows(scored, prompts, seeds)
     agree_headers, agree_rows = scoring.agreement_rows(scored.scores)
     agreement_note = "" if len(prompts) >= 3 else "\n\nRank agreement needs at least 3 images."
     return (gallery, {"headers": headers, "data": rows}, {"headers": agree_headers, "data": agree_rows},
             {"headers": CAPTION_HEADERS, "data": scoring.caption_rows(scored) or [[""] * len(CAPTION_HEADERS)]},
-            (scoring.notes(scored) + agreement_note).strip())
+            (scoring.notes(scored) + agreement_note).strip(), cards.score_cards(small, scored.scores, seeds, prompts))
 
 
 def load_uploads(files: list | None, max_images: int) -> list:
@@ -65,33 +75,35 @@ def load_uploads(files: list | None, max_images: int) -> list:
     return images
 
 
-def build(settings: AppSettings, model: str) -> None:
+def build(settings: AppSettings, model: str):
+    """The tab; returns the checkpoint picker (refreshed when the tab is opened)."""
     lim = settings.limits
     with gr.Row():
         with gr.Column(scale=1):
             model_box = gr.Dropdown(model_choices(settings), value=model, label="Model",
                                     allow_custom_value=True, elem_id="compare-model")
-            with gr.Row():
-                ckpt = gr.Dropdown(checkpoint_choices(settings.runs_dir), value=NO_CHECKPOINT, label="LoRA checkpoint",
-                                   allow_custom_value=True, scale=4, elem_id="compare-ckpt")
-                refresh = gr.Button("Refresh", scale=1, size="sm")
+            ckpt = gr.Dropdown(checkpoint_choices(settings.runs_dir), value=NO_CHECKPOINT, label="LoRA checkpoint",
+                               allow_custom_value=True, elem_id="compare-ckpt")
+            go = gr.Button("Generate and score", variant="primary", elem_id="compare-go")
             gen = generation_inputs(settings, model, "compare")
             rewards = reward_inputs(settings, model, "compare")
-            go = gr.Button("Generate and score", variant="primary", elem_id="compare-go")
             with gr.Accordion("Score your own images", open=False):
                 uploads = gr.File(file_count="multiple", file_types=["image"],
                                   label=f"Images (at most {lim.max_images})")
                 upload_prompt = gr.Textbox("", label="Prompt the images were made for", elem_id="upload-prompt")
                 score_go = gr.Button("Score uploaded images", elem_id="upload-go")
         with gr.Column(scale=2):
-            gallery = gr.Gallery(label="Images and scores", columns=4, height="auto", object_fit="contain",
-                                 elem_id="compare-gallery")
+            score_cards = gr.HTML("<p style='color:#666'>Images appear here with every reward's score under "
+                                  "each.</p>", elem_id="compare-cards")
             notes = gr.Markdown(elem_id="compare-notes")
             table = gr.Dataframe(label="Scores (image x reward)", interactive=False, elem_id="compare-scores")
             agreement = gr.Dataframe(label="Rank agreement between rewards (Spearman)", interactive=False)
             captions = gr.Dataframe(label="What the VLM said", interactive=False, wrap=True,
                                     column_widths=["9%", "18%", "38%", "35%"], elem_id="compare-captions")
-    outputs = [gallery, table, agreement, captions, notes]
+            with gr.Accordion("Gallery (full-size images)", open=False):
+                gallery = gr.Gallery(label="Images and scores", columns=4, height="auto", object_fit="contain",
+                                     elem_id="compare-gallery")
+    outputs = [gallery, table, agreement, captions, notes, score_cards]
 
     @readable_errors
     def compare(model_label, ckpt_label, source, prompt, grammar, split, n, seed, steps, guidance,
@@ -121,4 +133,8 @@ def build(settings: AppSettings, model: str) -> None:
              concurrency_id="generation", concurrency_limit=settings.generation_concurrency)
     score_go.click(score_uploads, [uploads, upload_prompt, *rewards], outputs, api_name="score_uploads",
                    concurrency_id="generation", concurrency_limit=settings.generation_concurrency)
-    refresh.click(lambda: gr.Dropdown(choices=checkpoint_choices(settings.runs_dir)), None, ckpt, api_name=False)
+    gen.prompt.submit(compare, [model_box, ckpt, *gen.as_list(), *rewards], outputs, api_name=False,
+                      concurrency_id="generation", concurrency_limit=settings.generation_concurrency)
+    upload_prompt.submit(score_uploads, [uploads, upload_prompt, *rewards], outputs, api_name=False,
+                         concurrency_id="generation", concurrency_limit=settings.generation_concurrency)
+    return ckpt

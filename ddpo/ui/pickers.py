@@ -9,11 +9,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ddpo.config import RUN_NAME
 from ddpo.ui.settings import AppSettings, UIError
 
 BUILTIN_MODELS = ("shapes", "tiny-random")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-RUN_NAME = re.compile(r"^[A-Za-z0-9][\w.-]{0,79}$")
 NO_CHECKPOINT = "(none: base model)"
 
 
@@ -94,7 +94,7 @@ def resolve_checkpoint(settings: AppSettings, label: str | None) -> str | None:
         return None
     if label not in checkpoint_choices(settings.runs_dir):
         raise UIError(f"checkpoint {label!r} is not in the runs folder {settings.runs_dir}; "
-                      "pick one from the list (press Refresh after a run saves one)")
+                      "pick one from the list")
     run, _, epoch = label.partition("/")
     return str(settings.runs_dir / run / "checkpoints" / epoch) if epoch else str(settings.runs_dir / run)
 
@@ -106,3 +106,10 @@ def resolve_run(settings: AppSettings, name: str | None) -> Path:
     if name not in runs:
         raise UIError(f"no run named {name!r} in {settings.runs_dir}")
     return runs[name]
+
+
+def newest_checkpoint(runs_dir: Path) -> str:
+    """The label of the newest run's newest checkpoint (what a person most likely wants to compare), else
+    NO_CHECKPOINT."""
+    choices = checkpoint_choices(runs_dir)
+    return choices[1] if len(choices) > 1 else NO_CHECKPOINT

@@ -51,7 +51,12 @@ REWARDS = LRUCache(size=8)  # reward models load on first call; keep them loaded
 def get_pipeline(model: str, lora: str | None):
     from ddpo.generate import load_for_inference
 
-    return PIPELINES.get((model, lora), lambda: load_for_inference(model, lora))
+    from ddpo.checkpoint import CheckpointError
+
+    try:
+        return PIPELINES.get((model, lora), lambda: load_for_inference(model, lora))
+    except CheckpointError as err:  # e.g. a LoRA trained on another base model
+        raise UIError(f"this checkpoint does not fit the model {model!r}: {err}") from None
 
 
 def generate(pipe, prompts: list[str], seed: int, steps: int, guidance: float, eta: float,
@@ -101,7 +106,9 @@ def score_images(images, prompts: list[str], metadata: list[dict], jobs: dict[st
         try:
             scores[column], info[column] = _cached_reward(name, reward_kwargs)(images, prompts, metadata)
         except Exception as err:  # a missing model or package: report it in its column, keep the others
-            errors[column] = f"{type(err).__name__}: {err}"
+            from ddpo.ui.availability import one_line
+
+            errors[column] = one_line(err)
     if not scores:
         raise UIError("no reward could score these images:\n" + "\n".join(f"- {k}: {v}" for k, v in errors.items()))
     return Scored(scores, info, errors)

@@ -50,12 +50,29 @@ def returns_table(seed: int, base: list[float], steered: list[float] | None) -> 
     return {"headers": ["episode", "seed", "base return", "steered return"], "data": rows}, summary
 
 
-def build(settings: AppSettings) -> None:
+def refresh_runs(settings: AppSettings, env_id: str | None, current: str | None):
+    """The steering-run picker with the runs there are now, keeping the choice when it is still there."""
+    choices = [BASE_ONLY, *steering_runs(settings, env_id)] if env_id else [BASE_ONLY]
+    return gr.Dropdown(choices=choices, value=current if current in choices else BASE_ONLY)
+
+
+def run_curve(settings: AppSettings, env_id: str | None, run_name: str | None):
+    """The evaluation-return curve of a steering run (metrics.jsonl, one line per evaluation)."""
+    from ddpo.ui.curves import curves_figure
+    from ddpo.ui.training import read_metrics
+
+    path = steering_runs(settings, env_id).get(run_name or "")
+    rows = {run_name: read_metrics(Path(path))} if path else {}
+    return curves_figure(rows, steering=True, empty="pick a steering run to see its evaluation curve")
+
+
+def build(settings: AppSettings):
+    """The tab; returns (environment picker, steering-run picker), or None when steering is not installed."""
     if not steering_available():
         gr.Markdown("**Steering is not available in this build**: the steering API (`ddpo.steering.api`) is not "
                     "installed. Install the `steering` extra (`pip install -e .[steering]`).",
                     elem_id="steer-unavailable")
-        return
+        return None
     lim = settings.limits
     envs = environments()
     env0 = envs[0] if envs else None
@@ -63,28 +80,28 @@ def build(settings: AppSettings) -> None:
         with gr.Column(scale=1):
             env = gr.Dropdown(envs, value=env0, label="Environment", elem_id="steer-env")
             policy = gr.Dropdown([SHIPPED], value=SHIPPED, label="Base policy (the shipped diffusion policy)")
-            with gr.Row():
-                run = gr.Dropdown([BASE_ONLY, *steering_runs(settings, env0)], value=BASE_ONLY, scale=4,
-                                  allow_custom_value=True, label="Steering checkpoint (a `ddpo steer train` run)",
-                                  elem_id="steer-run")
-                refresh = gr.Button("Refresh", scale=1, size="sm")
+            run = gr.Dropdown([BASE_ONLY, *steering_runs(settings, env0)], value=BASE_ONLY,
+                              allow_custom_value=True, label="Steering checkpoint (a `ddpo steer train` run)",
+                              elem_id="steer-run")
+            go = gr.Button("Run episodes", variant="primary", elem_id="steer-go")
             with gr.Row():
                 episodes = gr.Slider(1, lim.max_episodes, value=min(5, lim.max_episodes), step=1, label="Episodes")
                 seed = gr.Number(0, label="Seed (episode i uses seed + i)", precision=0, minimum=0,
                                  maximum=lim.max_seed)
-            render = gr.Checkbox(True, label="Render the first episode (base | steered)")
-            go = gr.Button("Run episodes", variant="primary", elem_id="steer-go")
+            render = gr.Checkbox(True, label="Render the first episode")
         with gr.Column(scale=2):
             summary = gr.Markdown(elem_id="steer-summary")
+            chart = gr.Plot(label="Return per episode", elem_id="steer-chart", format="png")
+            video = gr.Image(label="First episode", type="filepath", interactive=False, height=360,
+                             elem_id="steer-video")
             table = gr.Dataframe(label="Returns", interactive=False)
-            video = gr.Image(label="First episode: base (left) | steered (right)", type="filepath", interactive=False)
-
-    def run_choices(env_id):
-        return gr.Dropdown(choices=[BASE_ONLY, *steering_runs(settings, env_id)], value=BASE_ONLY)
+            curve = gr.Plot(run_curve(settings, env0, None), label="The steering run's evaluation during training",
+                            elem_id="steer-curve", format="png")
 
     @readable_errors
     def on_run(env_id, policy_label, run_name, n, seed_value, do_render, progress=gr.Progress()):
         from ddpo.steering.api import run_episodes
+        from ddpo.ui.curves import returns_figure
 
         if env_id not in environments():
             raise UIError(f"environment {env_id!r} has no shipped base policy; "
@@ -104,9 +121,12 @@ def build(settings: AppSettings) -> None:
         base, steered, gif = run_episodes(env_id, None, runs.get(run_name), n=n, seed=seed_value,
                                           render=bool(do_render), video_dir=tempfile.mkdtemp(dir=folder))
         rows, text = returns_table(seed_value, base, steered)
-        return text, rows, gif
+        label = "First episode: base (left) | steered (right)" if steered is not None else \
+            "First episode: base policy"
+        return text, rows, gr.Image(value=gif, label=label), returns_figure(seed_value, base, steered)
 
-    env.change(run_choices, env, run, api_name=False)
-    refresh.click(run_choices, env, run, api_name=False)
-    go.click(on_run, [env, policy, run, episodes, seed, render], [summary, table, video], api_name="steer",
+    env.change(lambda e: refresh_runs(settings, e, None), env, run, api_name=False)
+    run.change(lambda e, r: run_curve(settings, e, r), [env, run], curve, api_name=False, show_progress="hidden")
+    go.click(on_run, [env, policy, run, episodes, seed, render], [summary, table, video, chart], api_name="steer",
              concurrency_id="generation", concurrency_limit=settings.generation_concurrency)
+    return env, run

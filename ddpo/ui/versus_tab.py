@@ -7,25 +7,27 @@ import math
 import gradio as gr
 import numpy as np
 
-from ddpo.ui import reward_options, scoring
+from ddpo.ui import cards, reward_options, scoring
 from ddpo.ui.compare_tab import reward_inputs
-from ddpo.ui.pickers import NO_CHECKPOINT, checkpoint_choices, model_choices, resolve_checkpoint, resolve_model
+from ddpo.ui.pickers import checkpoint_choices, model_choices, newest_checkpoint, resolve_checkpoint, resolve_model
 from ddpo.ui.settings import AppSettings, UIError
 from ddpo.ui.widgets import check_generation, generation_inputs, readable_errors
 
 
 def delta_rows(base: scoring.Scored, tuned: scoring.Scored, prompts: list[str], seeds: list[int]):
-    """(headers, rows, summary markdown): per image and reward, base score, finetuned score and their difference."""
+    """(headers, rows, summary markdown): per image and reward, base score, finetuned score and their difference.
+
+    The deltas come first (after image and seed), so a wide table does not push them off-screen."""
     names = [n for n in base.scores if n in tuned.scores]
-    headers = ["image", "seed", "prompt"]
+    headers = ["image", "seed", *(f"{n} delta" for n in names), "prompt"]
     for n in names:
-        headers += [f"{n} base", f"{n} finetuned", f"{n} delta"]
+        headers += [f"{n} base", f"{n} finetuned"]
     rows = []
     for i, prompt in enumerate(prompts):
-        row = [i, seeds[i], prompt]
-        for n in names:
-            b, t = float(base.scores[n][i]), float(tuned.scores[n][i])
-            row += [_r(b), _r(t), _r(t - b)]
+        pairs = [(float(base.scores[n][i]), float(tuned.scores[n][i])) for n in names]
+        row = [i, seeds[i], *(_r(t - b) for b, t in pairs), prompt]
+        for b, t in pairs:
+            row += [_r(b), _r(t)]
         rows.append(row)
     lines = ["| reward | base mean | finetuned mean | mean delta | images improved |", "|---|---|---|---|---|"]
     for n in names:
@@ -36,54 +38,65 @@ def delta_rows(base: scoring.Scored, tuned: scoring.Scored, prompts: list[str], 
     return headers, rows, "\n".join(lines)
 
 
-def build(settings: AppSettings, model: str) -> None:
+def build(settings: AppSettings, model: str):
+    """The tab; returns the checkpoint picker (refreshed when the tab is opened)."""
     with gr.Row():
         with gr.Column(scale=1):
             model_box = gr.Dropdown(model_choices(settings), value=model, label="Base model",
                                     allow_custom_value=True, elem_id="versus-model")
-            with gr.Row():
-                ckpt = gr.Dropdown(checkpoint_choices(settings.runs_dir), value=NO_CHECKPOINT,
-                                   label="Finetuned checkpoint", scale=4, allow_custom_value=True,
-                                   elem_id="versus-ckpt")
-                refresh = gr.Button("Refresh", scale=1, size="sm")
+            ckpt = gr.Dropdown(checkpoint_choices(settings.runs_dir), value=newest_checkpoint(settings.runs_dir),
+                               label="Finetuned checkpoint (RUN: its newest)", allow_custom_value=True,
+                               elem_id="versus-ckpt")
+            go = gr.Button("Generate both and score", variant="primary", elem_id="versus-go")
             gen = generation_inputs(settings, model, "versus")
             rewards = reward_inputs(settings, model, "versus")
-            go = gr.Button("Generate both and score", variant="primary", elem_id="versus-go")
         with gr.Column(scale=2):
-            with gr.Row():
-                base_gallery = gr.Gallery(label="Base", columns=2, height="auto", elem_id="versus-base")
-                tuned_gallery = gr.Gallery(label="Finetuned", columns=2, height="auto", elem_id="versus-tuned")
             summary = gr.Markdown(elem_id="versus-summary")
-            table = gr.Dataframe(label="Per image: base, finetuned, delta", interactive=False)
+            pairs = gr.HTML("<p style='color:#666'>Each seed's base and finetuned images appear here side by side, "
+                            "with every reward's change.</p>", elem_id="versus-pairs")
+            table = gr.Dataframe(label="Per image: deltas, then base and finetuned scores", interactive=False,
+                                 elem_id="versus-table")
+            with gr.Accordion("Galleries (full-size images)", open=False):
+                with gr.Row():
+                    base_gallery = gr.Gallery(label="Base", columns=2, height="auto", elem_id="versus-base")
+                    tuned_gallery = gr.Gallery(label="Finetuned", columns=2, height="auto", elem_id="versus-tuned")
 
     @readable_errors
     def versus(model_label, ckpt_label, source, prompt, grammar, split, n, seed, steps, guidance,
                names, weights, normalize, options, progress=gr.Progress()):
+        from rewards.images import to_pil
+
         jobs = reward_options.reward_jobs(settings.reward_config, names, options, weights, normalize)
         request = check_generation(settings, source, prompt, grammar, split, n, seed, steps, guidance)
         model_name, lora = resolve_model(settings, model_label), resolve_checkpoint(settings, ckpt_label)
         if lora is None:
             raise UIError("choose a finetuned checkpoint to compare with the base model")
         seeds = [request.seed + i for i in range(len(request.prompts))]
-        galleries, scored = [], []
+        galleries, scored, small = [], [], []
         for label, which in (("base", None), ("finetuned", lora)):
             progress(0, desc=f"loading the {label} model")
             pipe = scoring.get_pipeline(model_name, which)
             images = scoring.generate(
                 pipe, request.prompts, request.seed, request.steps, request.guidance, eta=1.0,
                 progress=lambda i, t, label=label: progress((i, t), desc=f"generating ({label})", unit="images"))
+            progress(1.0, desc=f"scoring ({label})")
             result = scoring.score_images(images, request.prompts, request.metadata, jobs)
             scored.append(result)
+            small.append(to_pil(images))
             galleries.append(list(zip(scoring.to_display(images), scoring.gallery_captions(result, seeds))))
         headers, rows, summary_md = delta_rows(scored[0], scored[1], request.prompts, seeds)
         extra = scoring.notes(scored[0])
+        html = cards.pair_rows(small[0], small[1], scored[0].scores, scored[1].scores, seeds, request.prompts)
         return galleries[0], galleries[1], summary_md + ("\n\n" + extra if extra else ""), \
-            {"headers": headers, "data": rows}
+            {"headers": headers, "data": rows}, html
 
-    go.click(versus, [model_box, ckpt, *gen.as_list(), *rewards], [base_gallery, tuned_gallery, summary, table],
-             api_name="base_vs_finetuned", concurrency_id="generation",
+    inputs = [model_box, ckpt, *gen.as_list(), *rewards]
+    outputs = [base_gallery, tuned_gallery, summary, table, pairs]
+    go.click(versus, inputs, outputs, api_name="base_vs_finetuned", concurrency_id="generation",
              concurrency_limit=settings.generation_concurrency)
-    refresh.click(lambda: gr.Dropdown(choices=checkpoint_choices(settings.runs_dir)), None, ckpt, api_name=False)
+    gen.prompt.submit(versus, inputs, outputs, api_name=False, concurrency_id="generation",
+                      concurrency_limit=settings.generation_concurrency)
+    return ckpt
 
 
 def _r(value: float) -> float | None:

@@ -120,12 +120,12 @@ def generation_inputs(settings: AppSettings, model: str, prefix: str) -> Generat
     steps, guidance = default_sampling(model)
     grammars = grammar_choices()
     source = gr.Radio([TYPED, FROM_GRAMMAR], value=TYPED, label="Prompts", elem_id=f"{prefix}-source")
-    prompt = gr.Textbox(value=_default_prompt(model), label="Prompt", max_length=lim.max_prompt_chars,
-                        elem_id=f"{prefix}-prompt")
+    prompt = gr.Textbox(value=_default_prompt(model), label="Prompt (Enter generates)",
+                        max_length=lim.max_prompt_chars, elem_id=f"{prefix}-prompt")
     with gr.Row():
         grammar = gr.Dropdown(grammars, value=_default_grammar(model, grammars), label="Grammar",
-                              elem_id=f"{prefix}-grammar")
-        split = gr.Dropdown(list(SPLITS), value="all", label="Split", elem_id=f"{prefix}-split")
+                              elem_id=f"{prefix}-grammar", visible=False)
+        split = gr.Dropdown(list(SPLITS), value="all", label="Split", elem_id=f"{prefix}-split", visible=False)
     with gr.Row():
         n = gr.Slider(1, lim.max_images, value=min(4, lim.max_images), step=1, label="Images", elem_id=f"{prefix}-n")
         seed = gr.Number(0, label="Seed (image i uses seed + i)", precision=0, minimum=0, maximum=lim.max_seed,
@@ -135,6 +135,10 @@ def generation_inputs(settings: AppSettings, model: str, prefix: str) -> Generat
                           elem_id=f"{prefix}-steps")
         guidance = gr.Slider(1.0, lim.max_guidance, value=guidance, step=0.5, label="Guidance scale",
                              elem_id=f"{prefix}-guidance")
+    # only the inputs of the chosen prompt source are shown
+    source.change(lambda s: (gr.update(visible=s == TYPED), gr.update(visible=s == FROM_GRAMMAR),
+                             gr.update(visible=s == FROM_GRAMMAR)), source, [prompt, grammar, split],
+                  api_name=False, queue=False, show_progress="hidden")
     return GenerationInputs(source, prompt, grammar, split, n, seed, steps, guidance)
 
 
