@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -177,6 +178,24 @@ def test_half_sent_bodies_are_dropped_and_the_server_keeps_answering(server):
         assert received == b"" or received.startswith(b"HTTP/1.0 503"), received[:100]
         sock.close()
     assert time.monotonic() - start < LIMITS.read_timeout + 3
+    assert server.score(SMALL).status_code == 200
+
+
+def test_a_client_dripping_its_headers_is_cut_off_at_the_read_timeout(server):
+    """A byte every 0.2 s never trips a per-read timeout; the whole request still has --read-timeout (1 s)."""
+    server.wait_healthy()
+    sock = socket.create_connection(server.address, timeout=5)
+    sock.sendall(b"POST /score HTTP/1.1\r\n")
+    start, closed = time.monotonic(), False
+    while not closed and time.monotonic() - start < 5:
+        try:
+            sock.sendall(b"X")
+            readable, _, _ = select.select([sock], [], [], 0.2)
+            closed = bool(readable) and sock.recv(65536) == b""
+        except OSError:  # reset by the server
+            closed = True
+    sock.close()
+    assert closed and time.monotonic() - start < LIMITS.read_timeout + 1
     assert server.score(SMALL).status_code == 200
 
 

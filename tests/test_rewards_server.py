@@ -179,6 +179,9 @@ def test_score_cli_prints_one_row_per_image(tmp_path, capsys):
     with pytest.raises(SystemExit):
         score_main(["--reward", "jpeg_compressibility", str(tmp_path / "missing.png")])
     assert "cannot read image" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # checked from the header: 32 x 32 is above 0.0001 Mpx (104 pixels)
+        score_main(["--reward", "jpeg_compressibility", "--max-image-mpix", "0.0001", paths[0]])
+    assert "it is 32x32; the limit is 104 pixels" in capsys.readouterr().err
 
 
 def _odd_images() -> dict[str, Image.Image]:
