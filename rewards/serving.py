@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import queue
@@ -165,7 +166,7 @@ class RewardRunner:
 
 
 def busy_response(retry_after: int, message: str) -> bytes:
-    body = ('{"error": "%s"}' % message.replace('"', "'")).encode()
+    body = json.dumps({"error": message}).encode()
     return (f"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: {retry_after}\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
 
