@@ -103,7 +103,7 @@ class PromptConfig:
     split: Literal["train", "heldout", "all"] = "train"
     eval_every: int = 0  # epochs between held-out evaluations; 0 turns them off
     eval_split: Literal["train", "heldout", "all"] = "heldout"
-    eval_num_prompts: int = 8
+    eval_num_prompts: int = 8  # distinct prompts, each evaluated once (all of a smaller split)
     eval_seed: int = 1234
 
 

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ddpo.losses import NonFiniteError
 from ddpo.reward_pool import RewardPool, check_finite
-from ddpo.sampler import Trajectories, encode_prompts, sample_trajectories
+from ddpo.sampler import Trajectories, encode_prompts, latent_shape, sample_trajectories
 
 
 class Rollout(NamedTuple):
@@ -34,6 +34,7 @@ class Rollout(NamedTuple):
 
 
 class Evaluation(NamedTuple):
+    positions: list[int]  # n_local: each prompt's position in `evaluation_prompts`
     prompts: list[str]  # n_local
     images: torch.Tensor  # (n_local, 3, H, W) in [0, 1]
     rewards: np.ndarray  # (n_local,) float32
@@ -130,27 +131,51 @@ def check_finite_latents(trajectories: Trajectories, epoch: int | None) -> None:
                              "is 3e-4). Resume from an earlier checkpoint with a lower train.learning_rate.")
 
 
+def evaluation_prompts(grammar, config, oversample: int = 16) -> list:
+    """The evaluation's prompts: `prompts.eval_num_prompts` *distinct* prompts of `prompts.eval_split`, or all of
+    a finite split that has fewer. Taken in the order of a long draw by the grammar's weights (seed
+    `prompts.eval_seed`; `oversample` x the number wanted), then, for a finite split, in the grammar's order."""
+    p = config.prompts
+    split = split_arg(p.eval_split)
+    first: dict[str, Any] = {}
+    for prompt in grammar.sample(p.eval_num_prompts * oversample, seed=p.eval_seed, split=split):
+        first.setdefault(prompt.text, prompt)
+    if len(first) < p.eval_num_prompts and grammar.is_finite:
+        for prompt in grammar.enumerate(split):
+            first.setdefault(prompt.text, prompt)
+    return list(first.values())[:p.eval_num_prompts]
+
+
+def evaluation_noise(pipe, eval_seed: int, positions: list[int]) -> torch.Tensor:
+    """x_T for the evaluation prompts at `positions` (n, C, h, w): one seed per prompt position, so a prompt
+    gets the same noise whichever process evaluates it and however many there are."""
+    shape = latent_shape(pipe, 1)
+    return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(
+        derive_seed(eval_seed, i, "eval-noise"))) for i in positions])
+
+
 @torch.no_grad()
 def evaluate(pipe, unet, grammar, reward_pool: RewardPool, config, process_index: int, num_processes: int,
              device: torch.device, autocast) -> Evaluation:
     """This process's share of the fixed evaluation prompts, sampled deterministically (eta = 0), and their rewards.
 
-    Prompts and initial noise depend only on `prompts.eval_seed`, so every evaluation of a run (and of any
-    run with the same settings) sees the same prompts and noise: grids of two evaluations are before/after pictures.
+    Prompts (`evaluation_prompts`: each distinct prompt once) and initial noise (seeded by the prompt's position)
+    depend only on `prompts.eval_seed`, so every evaluation of a run (and of any run with the same settings, on any
+    number of processes) sees the same prompts and noise: grids of two evaluations are before/after pictures.
     """
     p, s = config.prompts, config.sample
-    prompts = grammar.sample(p.eval_num_prompts, seed=p.eval_seed, split=split_arg(p.eval_split))
+    prompts = evaluation_prompts(grammar, config)
     mine = list(range(process_index, len(prompts), num_processes))
     if not mine:
-        return Evaluation([], torch.zeros(0, 3, 1, 1), np.zeros(0, dtype=np.float32))
+        return Evaluation([], [], torch.zeros(0, 3, 1, 1), np.zeros(0, dtype=np.float32))
     texts = [prompts[i].text for i in mine]
     negative = encode_prompts(pipe, [s.negative_prompt], device).expand(len(mine), -1, -1)
-    generator = torch.Generator().manual_seed(derive_seed(p.eval_seed, process_index, "eval-noise"))
     with autocast():
         trajectories = sample_trajectories(pipe, unet, encode_prompts(pipe, texts, device), negative,
                                            num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=0.0,
-                                           generator=generator)
+                                           generator=torch.Generator(), initial_noise=evaluation_noise(
+                                               pipe, p.eval_seed, mine))
     check_finite_latents(trajectories, None)
     metadata = [dict(prompts[i].metadata) for i in mine]
     result = reward_pool.result(reward_pool.submit(trajectories.images, texts, metadata))
-    return Evaluation(texts, trajectories.images, result.scores)
+    return Evaluation(mine, texts, trajectories.images, result.scores)

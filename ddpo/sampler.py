@@ -58,11 +58,12 @@ def latent_shape(pipe, batch_size: int) -> tuple[int, int, int, int]:
 @torch.no_grad()
 def sample_trajectories(pipe, unet, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor, *, num_steps: int,
                         guidance_scale: float, eta: float, generator: torch.Generator,
-                        progress: bool = False) -> Trajectories:
+                        progress: bool = False, initial_noise: torch.Tensor | None = None) -> Trajectories:
     """Run the DDIM loop from x_T ~ N(0, I) and record every step.
 
     `unet` is passed separately from `pipe` because during training it is the (possibly DDP-wrapped, LoRA)
     policy. Noise comes only from `generator` (a CPU generator), so a seed fixes the whole trajectory.
+    `initial_noise` (B, C, h, w), if given, is x_T's N(0, I) draw instead (e.g. one seed per evaluation prompt).
     """
     from tqdm.auto import tqdm
 
@@ -70,7 +71,8 @@ def sample_trajectories(pipe, unet, prompt_embeds: torch.Tensor, negative_embeds
     scheduler = pipe.scheduler
     scheduler.set_timesteps(num_steps, device=device)
     batch = prompt_embeds.shape[0]
-    latents = torch.randn(latent_shape(pipe, batch), generator=generator).to(device) * scheduler.init_noise_sigma
+    noise = torch.randn(latent_shape(pipe, batch), generator=generator) if initial_noise is None else initial_noise
+    latents = noise.to(device) * scheduler.init_noise_sigma
     all_latents, all_log_probs = [latents], []
     for t in tqdm(scheduler.timesteps, desc="sampling", leave=False, disable=not progress):
         timesteps = t.expand(batch)

@@ -14,7 +14,8 @@ from ddpo.metrics import read_metrics
 from localhost import free_port
 
 COMMON = ["tiny_cpu", "train.num_epochs=2", "sample.batch_size=2", "train.batch_size=2", "train.learning_rate=1e-2",
-          "reward.name=rewards_for_tests:brightness"]
+          "reward.name=rewards_for_tests:brightness", "prompts.eval_every=1", "prompts.eval_split=all",
+          "prompts.eval_num_prompts=5"]
 
 
 def launch(nproc: int, *args):
@@ -39,6 +40,10 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     rows_one, rows_two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
     assert [r["num_samples"] for r in rows_two] == [4, 4]  # rewards gathered from both processes
     assert [r["reward_mean"] for r in rows_one] == pytest.approx([r["reward_mean"] for r in rows_two], rel=1e-6)
+    # Evaluation: 5 distinct prompts, noise seeded by prompt position, so 2 processes agree with 1 (3 + 2 prompts).
+    assert rows_two[0]["eval_reward_before"] == pytest.approx(rows_one[0]["eval_reward_before"], rel=1e-6)
+    assert [r["eval_reward_mean"] for r in rows_two] == pytest.approx([r["eval_reward_mean"] for r in rows_one],
+                                                                      rel=1e-5)
     weights_one = load_file(list_checkpoints(tmp_path / "one")[-1] / "pytorch_lora_weights.safetensors")
     weights_two = load_file(list_checkpoints(tmp_path / "two")[-1] / "pytorch_lora_weights.safetensors")
     initial = load_file(list_checkpoints(tmp_path / "one")[0] / "pytorch_lora_weights.safetensors")

@@ -35,3 +35,40 @@ def test_more_groups_than_prompts_use_every_prompt_before_any_repeats():
     config = _config("sample.num_batches_per_epoch=12")  # 48 groups, 42 held-out prompts
     texts = [p.text for p in epoch_group_prompts(grammar, config, 0, 1)]
     assert len(texts) == 48 and len(set(texts)) == 42 and len(set(texts[:42])) == 42
+
+
+def test_evaluation_takes_each_distinct_prompt_once():
+    from ddpo.rollout import evaluation_prompts
+
+    grammar = load_grammar("shapes")
+    config = load_config("shapes_alignment")  # eval_num_prompts 42 = the held-out split's size
+    texts = [p.text for p in evaluation_prompts(grammar, config)]
+    assert len(texts) == 42 and set(texts) == {p.text for p in grammar.enumerate("heldout")}
+    eight = [p.text for p in evaluation_prompts(grammar, load_config("shapes_alignment", ["prompts.eval_num_prompts=8"]))]
+    assert len(set(eight)) == 8 and eight == texts[:8]
+
+
+def test_evaluation_is_the_same_on_one_and_on_two_processes():
+    from contextlib import nullcontext
+
+    import numpy as np
+    import torch
+
+    from ddpo.reward_pool import RewardPool
+    from ddpo.rollout import evaluate
+    from ddpo.tiny import build_tiny_pipeline
+
+    config = load_config("tiny_cpu", ["prompts.eval_every=1", "prompts.eval_split=all", "prompts.eval_num_prompts=5"])
+    pipe, grammar = build_tiny_pipeline(), load_grammar("simple_animals")
+    pool = RewardPool("rewards_for_tests:brightness", {}, "inline")
+    try:
+        def run(rank, world):
+            return evaluate(pipe, pipe.unet, grammar, pool, config, rank, world, torch.device("cpu"), nullcontext)
+
+        one, first, second = run(0, 1), run(0, 2), run(1, 2)
+    finally:
+        pool.close()
+    assert one.positions == [0, 1, 2, 3, 4] and first.positions + second.positions == [0, 2, 4, 1, 3]
+    two = dict(zip(first.positions + second.positions, np.concatenate([first.rewards, second.rewards])))
+    np.testing.assert_allclose([two[i] for i in range(5)], one.rewards, rtol=1e-5)
+    assert len(set(one.prompts)) == 5
