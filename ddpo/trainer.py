@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import sys
 import threading
 import time
 from datetime import datetime
@@ -31,7 +32,7 @@ from ddpo.metrics import append_metrics, epoch_line, run_folder_line, save_grid,
 from ddpo.pipeline import load_pipeline, load_trained_weights, prepare_unet, save_trained_weights
 from ddpo.reward_pool import RewardPool
 from ddpo.rollout import Rollout, collect_rollout, evaluate
-from ddpo.update import epoch_weights, policy_update
+from ddpo.update import epoch_weights, grad_scaler_state, load_grad_scaler_state, policy_update
 
 logger = logging.getLogger("ddpo")
 
@@ -154,7 +155,9 @@ def train(config: Config, resume: str | None = None) -> Path:
     _check_splits(grammar, config)
     _check_trackers(config)
     accelerator = make_accelerator(config, run_dir)
-    is_main, progress = accelerator.is_main_process, config.logging.progress and accelerator.is_main_process
+    is_main = accelerator.is_main_process
+    # Bars redraw in place on a terminal; redirected to a file, every redraw would be a line of the log.
+    progress = config.logging.progress and is_main and sys.stderr.isatty()
     reward_pool = RewardPool(config.reward.name, config.reward.kwargs, config.reward.executor, config.reward.timeout_s)
     try:
         pipe, params = build_policy(config, accelerator.device)
@@ -292,7 +295,8 @@ def _save(run_dir, epoch, accelerator, unet, optimizer, params, tracker, config)
     if accelerator.is_main_process:
         done = epoch + 1
         state = {"epoch": done, "epochs_done": done, "num_processes": accelerator.num_processes, "rng": ckpt.rng_state(),
-                 "stat_tracker": tracker.state_dict() if tracker is not None else None}
+                 "stat_tracker": tracker.state_dict() if tracker is not None else None,
+                 "grad_scaler": grad_scaler_state(accelerator)}
         policy = accelerator.unwrap_model(unet)
         with _signals_deferred():
             ckpt.write_checkpoint(run_dir, done,
@@ -348,6 +352,7 @@ def _restore(folder: Path, accelerator, unet, optimizer, tracker, config) -> int
         # The saved buffers with this config's sizes (a smaller buffer keeps each prompt's newest rewards).
         tracker.load_state_dict({**state["stat_tracker"], "buffer_size": tracker.buffer_size,
                                  "min_count": tracker.min_count})
+    load_grad_scaler_state(accelerator, state.get("grad_scaler"))  # fp16: the loss scale the run had reached
     ckpt.set_rng_state(state["rng"])
     done = ckpt.epochs_done(state)
     logger.info("resumed from %s (%d epochs done)", folder, done)

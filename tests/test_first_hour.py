@@ -73,3 +73,29 @@ def test_truncate_metrics_renumbers_old_rows_once(tmp_path):
     assert [r["epoch"] for r in read_metrics(path)] == [1, 2, 3]
     truncate_metrics(path, 0)
     assert path.read_text() == ""
+
+
+def _cli(*args, cwd=None):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "ddpo.cli", *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _own_lines(stderr: str) -> list[str]:
+    """stderr without the model-loading bars of diffusers/transformers (one redraw each, not per epoch)."""
+    return [line for line in stderr.splitlines() if line.strip() and "Loading" not in line]
+
+
+def test_a_redirected_run_and_generate_print_no_library_noise(tmp_path):
+    # progress=true, but stderr is a pipe: no per-step bars; no torchvision or LoRA-key warnings either.
+    train = _cli("train", *_tiny(tmp_path, "train.num_epochs=1", "logging.progress=true"))
+    assert train.returncode == 0, train.stderr
+    assert _own_lines(train.stderr) == [], train.stderr
+    generate = _cli("generate", "--model", "tiny-random", "--lora", str(tmp_path / "run"), "--prompt", "a cat",
+                    "-n", "1", "--out", str(tmp_path / "images"))
+    assert generate.returncode == 0, generate.stderr
+    assert _own_lines(generate.stderr) == [], generate.stderr
