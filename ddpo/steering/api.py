@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from .base import PRETRAINED_DIR
-from .evaluate import EVAL_SEED, ChunkActor, base_actor, evaluate, record_comparison, steered_actor
+from .evaluate import EVAL_SEED, ChunkActor, base_actor, evaluate, evaluate_episodes, record_comparison, steered_actor
 
 
 def list_base_policies() -> list[dict]:
@@ -41,6 +41,7 @@ def list_runs(runs_dir: str | Path = "runs") -> list[dict]:
 
 def load_run_actor(run_dir: str | Path) -> tuple[dict, ChunkActor]:
     """The trained agent of a run folder as a ChunkActor (deterministic), with the run's config dict."""
+    from .baselines import RAW_METHODS, make_raw_model, raw_actor
     from .envs import make_env
     from .noise_env import NoiseActionEnv
     from .train import load_base_policy
@@ -51,12 +52,14 @@ def load_run_actor(run_dir: str | Path) -> tuple[dict, ChunkActor]:
     if not (run_dir / "config.json").is_file() or not (run_dir / "checkpoint" / "state.json").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder with a checkpoint (expected config.json and checkpoint/)")
     config = json.loads((run_dir / "config.json").read_text())
-    if config["method"] == "sac_scratch":
-        from .sb3 import load_sac, make_sac
+    if config["method"] in RAW_METHODS:
+        from .sb3 import load_sac
 
-        model = make_sac(make_env(config["env_id"]), config["seed"], config["hidden"], config["layers"], buffer_size=1)
+        # Acting needs only the networks: rlpd's are plain SAC's (its demonstrations live in the replay buffer).
+        method = "sac_scratch" if config["method"] == "rlpd" else config["method"]
+        _, model = make_raw_model(method, config["env_id"], config["seed"], config["hidden"], config["layers"], 0, buffer_size=1)
         load_sac(model, run_dir / "checkpoint", with_buffer=False)
-        return config, lambda obs: model.predict(obs, deterministic=True)[0][None]
+        return config, raw_actor(method, model)
     policy = load_base_policy(config["env_id"], config["policy"])
     if config["method"] == "dsrl_sac":
         from .sb3 import load_sac, make_sac
@@ -118,8 +121,10 @@ def compare_base(env_id: str, policy: str | None = None, episodes: int = 10, noi
     }
     summary = {}
     for name, act in actors.items():
-        returns = evaluate(env_id, act, episodes)
+        returns, success_rate = evaluate_episodes(env_id, act, episodes)
         summary[name] = {"return_mean": float(returns.mean()), "return_std": float(returns.std())}
+        if success_rate is not None:
+            summary[name]["success_rate"] = success_rate
         if env_id in REFERENCE_RETURNS:
             summary[name]["normalized_score"] = normalized_score(env_id, float(returns.mean()))
     return summary
@@ -127,15 +132,22 @@ def compare_base(env_id: str, policy: str | None = None, episodes: int = 10, noi
 
 def evaluate_run(run_dir: str | Path, episodes: int = 10, video: bool = True) -> dict:
     """Evaluate a run's agent and its base on the fixed evaluation seeds; optionally write rollout.gif."""
+    from .baselines import RAW_METHODS
+
     config, steered = load_run_actor(run_dir)
-    returns = evaluate(config["env_id"], steered, episodes, seed=EVAL_SEED)
+    returns, success_rate = evaluate_episodes(config["env_id"], steered, episodes, seed=EVAL_SEED)
     summary = {"run": str(run_dir), "method": config["method"], "episodes": episodes,
                "steered_return_mean": float(returns.mean()), "steered_return_std": float(returns.std())}
-    if config["method"] != "sac_scratch":
+    if success_rate is not None:
+        summary["steered_success_rate"] = success_rate
+    if config["method"] not in RAW_METHODS:
         from .train import load_base_policy
 
-        base = evaluate(config["env_id"], base_actor(load_base_policy(config["env_id"], config["policy"]), "gaussian"), episodes)
+        base_act = base_actor(load_base_policy(config["env_id"], config["policy"]), "gaussian")
+        base, base_success = evaluate_episodes(config["env_id"], base_act, episodes)
         summary.update(base_return_mean=float(base.mean()), base_return_std=float(base.std()))
+        if base_success is not None:
+            summary["base_success_rate"] = base_success
     if video:
         from .train import TrainConfig, write_video
 

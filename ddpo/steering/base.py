@@ -24,6 +24,9 @@ class BaseRecipe:
 RECIPES: dict[str, BaseRecipe] = {
     "Pendulum-v1": BaseRecipe(n_episodes=100, degradation=Degradation(p_expert=0.4, p_decoy=0.35)),
     "Reacher-v5": BaseRecipe(n_episodes=400, degradation=Degradation(p_expert=0.3, p_decoy=0.35)),
+    # Few episodes, noisy, and a demonstrator that often pushes/carries toward the mirrored goal or idles.
+    "FetchPush-v4": BaseRecipe(n_episodes=100, degradation=Degradation(p_expert=0.5, p_decoy=0.25)),
+    "FetchPickAndPlace-v4": BaseRecipe(n_episodes=100, degradation=Degradation(p_expert=0.5, p_decoy=0.25)),
 }
 
 

@@ -34,9 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     bc.add_argument("--seed", type=int, default=0)
     bc.add_argument("--episodes", type=int, default=20, help="evaluation episodes for the report at the end")
 
-    train = commands.add_parser("train", help="train dsrl_sac, dsrl_na or sac_scratch; resumes an existing run")
+    train = commands.add_parser("train", help="train dsrl_sac, dsrl_na, sac_scratch, sac_her or rlpd; resumes an existing run")
     train.add_argument("--env", required=True)
-    train.add_argument("--method", required=True, choices=["dsrl_sac", "dsrl_na", "sac_scratch"])
+    train.add_argument("--method", required=True, choices=["dsrl_sac", "dsrl_na", "sac_scratch", "sac_her", "rlpd"],
+                       help="sac_her: SAC + hindsight relabelling (Fetch tasks); rlpd: SAC, half of each batch from demos")
     train.add_argument("--steps", type=int, default=30_000, help="environment steps, warm start included")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--policy", default=None, help="base policy folder (default: the shipped one)")
@@ -68,8 +69,9 @@ def _demos(args) -> int:
     demos = make_demos(args.env, seed=args.seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     demos.save(out)
+    success = "" if demos.episode_successes is None else f", success {demos.episode_successes.mean():.0%}"
     print(f"{len(demos.obs)} chunks from {len(demos.episode_returns)} episodes, "
-          f"mean return {demos.episode_returns.mean():.2f} -> {out}")
+          f"mean return {demos.episode_returns.mean():.2f}{success} -> {out}")
     return 0
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 
-SUPPORTED = ("Pendulum-v1", "Reacher-v5", "TwoGoal-v0")
+from .fetch import FETCH_ENVS, make_fetch
+
+SUPPORTED = ("Pendulum-v1", "Reacher-v5", "TwoGoal-v0", *FETCH_ENVS)
 
 # Mean returns over 20 episodes (expert: reset seeds 1000-1019, uniform random: 2000-2019) of the scripted
 # expert and of uniform-random actions; scores are normalised as (R - random) / (expert - random).
@@ -16,7 +18,11 @@ REFERENCE_RETURNS: dict[str, dict[str, float]] = {
 
 
 def make_env(env_id: str, render_mode: str | None = None):
-    """gymnasium.make with a clear error for ids this module has no expert or toy for."""
+    """gymnasium.make with a clear error for ids this module has no expert or toy for.
+
+    Fetch tasks come with their goal flattened into the observation (see fetch.py)."""
+    if env_id in FETCH_ENVS:
+        return make_fetch(env_id, render_mode)
     if env_id == "TwoGoal-v0":
         return gym.wrappers.TimeLimit(TwoGoalEnv(render_mode=render_mode), max_episode_steps=TwoGoalEnv.max_steps)
     if env_id not in gym.registry:
@@ -28,6 +34,15 @@ def normalized_score(env_id: str, episodic_return: float) -> float:
     """0 = uniform random actions, 1 = the scripted expert."""
     reference = REFERENCE_RETURNS[env_id]
     return (episodic_return - reference["random"]) / (reference["expert"] - reference["random"])
+
+
+def episode_success(info: dict) -> bool | None:
+    """Success of an episode from its last step's info: Fetch's is_success, the toy's success; None if the
+    task has no notion of success (Pendulum, Reacher)."""
+    for key in ("is_success", "success"):
+        if key in info:
+            return bool(info[key] > 0.5)
+    return None
 
 
 def check_finite(name: str, value) -> None:

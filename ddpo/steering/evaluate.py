@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .envs import check_finite, make_env
+from .envs import check_finite, episode_success, make_env
 from .policy import SteerablePolicy
 
 EVAL_SEED = 100_000  # evaluation episodes use seeds EVAL_SEED, EVAL_SEED + 1, ... for every method
@@ -41,16 +41,17 @@ def steered_actor(policy: SteerablePolicy, noise_fn: Callable[[np.ndarray], np.n
     return act
 
 
-def rollout(env, act: ChunkActor, seed: int, frames: list | None = None) -> float:
-    """One episode; returns its return. Appends rendered frames (H, W, 3) to `frames` when given."""
+def run_episode(env, act: ChunkActor, seed: int, frames: list | None = None) -> tuple[float, bool | None]:
+    """One episode: (return, success from the last step's info, None for tasks without success).
+    Appends rendered frames (H, W, 3) to `frames` when given."""
     obs, _ = env.reset(seed=seed)
-    total, done = 0.0, False
+    total, done, info = 0.0, False, {}
     if frames is not None:
         frames.append(render_frame(env, obs))
     while not done:
         for action in act(obs):
             action = np.clip(action, env.action_space.low, env.action_space.high)
-            obs, reward, terminated, truncated, _ = env.step(action)
+            obs, reward, terminated, truncated, info = env.step(action)
             check_finite("reward", reward)
             total += float(reward)
             done = terminated or truncated
@@ -58,15 +59,28 @@ def rollout(env, act: ChunkActor, seed: int, frames: list | None = None) -> floa
                 frames.append(render_frame(env, obs))
             if done:
                 break
-    return total
+    return total, episode_success(info)
+
+
+def rollout(env, act: ChunkActor, seed: int, frames: list | None = None) -> float:
+    """One episode; returns its return (see run_episode for the success as well)."""
+    return run_episode(env, act, seed, frames)[0]
+
+
+def evaluate_episodes(env_id: str, act: ChunkActor, episodes: int, seed: int = EVAL_SEED) -> tuple[np.ndarray, float | None]:
+    """Returns (episodes,) on seeds seed, seed + 1, ..., and the success rate (None for tasks without one)."""
+    if episodes < 1:  # a mean over no episode is NaN
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    env = make_env(env_id)
+    results = [run_episode(env, act, seed + i) for i in range(episodes)]
+    successes = [success for _, success in results]
+    rate = None if successes[0] is None else float(np.mean(successes))
+    return np.asarray([total for total, _ in results]), rate
 
 
 def evaluate(env_id: str, act: ChunkActor, episodes: int, seed: int = EVAL_SEED) -> np.ndarray:
     """Returns (episodes,) on seeds seed, seed + 1, ..."""
-    if episodes < 1:  # a mean over no episode is NaN
-        raise ValueError(f"episodes must be >= 1, got {episodes}")
-    env = make_env(env_id)
-    return np.asarray([rollout(env, act, seed + i) for i in range(episodes)])
+    return evaluate_episodes(env_id, act, episodes, seed)[0]
 
 
 def render_frame(env, obs: np.ndarray) -> np.ndarray:
@@ -110,7 +124,9 @@ def record_comparison(env_id: str, actors: dict[str, ChunkActor], path: str | Pa
     for name, act in actors.items():
         env = make_env(env_id, render_mode="rgb_array")
         frames: list[np.ndarray] = []
-        returns[name] = rollout(env, act, seed, frames)
+        returns[name], success = run_episode(env, act, seed, frames)
+        if success is not None:
+            returns[f"{name}_success"] = success
         env.close()
         clips.append(frames)
     clips = [[_label(frame, name) for frame in clip] for name, clip in zip(actors, clips)]

@@ -16,6 +16,9 @@ from typing import Callable
 
 import numpy as np
 
+from . import fetch
+from .envs import episode_success
+
 Expert = Callable[[np.ndarray], np.ndarray]  # observation (obs_dim,) -> action (act_dim,)
 
 
@@ -63,8 +66,14 @@ def reacher_decoy(obs: np.ndarray) -> np.ndarray:
     return reacher_expert(mirrored)
 
 
-EXPERTS: dict[str, Expert] = {"Pendulum-v1": pendulum_expert, "Reacher-v5": reacher_expert}
-DECOYS: dict[str, Expert] = {"Pendulum-v1": pendulum_decoy, "Reacher-v5": reacher_decoy}
+EXPERTS: dict[str, Expert] = {
+    "Pendulum-v1": pendulum_expert, "Reacher-v5": reacher_expert,
+    "FetchPush-v4": fetch.push_expert, "FetchPickAndPlace-v4": fetch.pick_expert,
+}
+DECOYS: dict[str, Expert] = {
+    "Pendulum-v1": pendulum_decoy, "Reacher-v5": reacher_decoy,
+    "FetchPush-v4": fetch.push_decoy, "FetchPickAndPlace-v4": fetch.pick_decoy,
+}
 
 
 @dataclass
@@ -84,6 +93,9 @@ class Demos:
     obs: (N, obs_dim) observation at the chunk's first step; actions: (N, H, act_dim);
     rewards: (N,) sum of the chunk's rewards; next_obs: (N, obs_dim); dones: (N,) 1.0 where the episode
     terminated (not truncated) inside the chunk; episode_returns: (E,) return of each demonstration episode.
+    Optional: episode_successes (E,) for tasks with a success flag, and the same data step by step
+    (step_obs (M, obs_dim), step_actions (M, act_dim), step_rewards, step_next_obs, step_dones (M,)) for
+    baselines that act one step at a time (RLPD-style SAC).
     """
 
     obs: np.ndarray
@@ -92,14 +104,20 @@ class Demos:
     next_obs: np.ndarray
     dones: np.ndarray
     episode_returns: np.ndarray
+    episode_successes: np.ndarray | None = None
+    step_obs: np.ndarray | None = None
+    step_actions: np.ndarray | None = None
+    step_rewards: np.ndarray | None = None
+    step_next_obs: np.ndarray | None = None
+    step_dones: np.ndarray | None = None
 
     def save(self, path: str | Path) -> None:
-        np.savez_compressed(path, **self.__dict__)
+        np.savez_compressed(path, **{key: value for key, value in self.__dict__.items() if value is not None})
 
     @classmethod
     def load(cls, path: str | Path) -> "Demos":
         with np.load(path, allow_pickle=False) as data:
-            return cls(**{key: data[key] for key in cls.__dataclass_fields__})
+            return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})
 
 
 def collect_demos(
@@ -115,7 +133,8 @@ def collect_demos(
     rng = np.random.default_rng(seed)
     low, high = env.action_space.low, env.action_space.high
     rows: dict[str, list] = {key: [] for key in ("obs", "actions", "rewards", "next_obs", "dones")}
-    episode_returns = []
+    steps: dict[str, list] = {key: [] for key in ("step_obs", "step_actions", "step_rewards", "step_next_obs", "step_dones")}
+    episode_returns, episode_successes = [], []
     for episode in range(n_episodes):
         obs, _ = env.reset(seed=seed * 100_003 + episode)
         done, episode_return = False, 0.0
@@ -131,7 +150,10 @@ def collect_demos(
                     action = np.clip(action, low, high).astype(np.float32)
                 else:
                     action = distracted
-                obs, reward, terminated, truncated, _ = env.step(action)
+                previous = obs
+                obs, reward, terminated, truncated, info = env.step(action)
+                for key, value in zip(steps, (previous, action, reward, obs, float(terminated))):
+                    steps[key].append(value)
                 chunk.append(action)
                 chunk_reward += float(reward)
                 if step + 1 >= degradation.lag:
@@ -148,8 +170,10 @@ def collect_demos(
             rows["dones"].append(float(terminated))
             episode_return += chunk_reward
         episode_returns.append(episode_return)
-    arrays = {key: np.asarray(value, dtype=np.float32) for key, value in rows.items()}
-    return Demos(**arrays, episode_returns=np.asarray(episode_returns, dtype=np.float32))
+        episode_successes.append(episode_success(info))
+    arrays = {key: np.asarray(value, dtype=np.float32) for key, value in {**rows, **steps}.items()}
+    successes = None if episode_successes[0] is None else np.asarray(episode_successes, dtype=np.float32)
+    return Demos(**arrays, episode_returns=np.asarray(episode_returns, dtype=np.float32), episode_successes=successes)
 
 
 def expert_returns(env, expert: Expert, n_episodes: int, seed: int = 0) -> np.ndarray:

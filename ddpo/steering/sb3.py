@@ -13,18 +13,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
-_BUFFER_FIELDS = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
+
+
+def _buffer_arrays(buffer) -> dict[str, np.ndarray]:
+    """Every numeric array of an SB3 replay buffer (plain, dict-observation or HER), dict entries as 'name/key'.
+    Object arrays (HER's per-transition info dicts, unused here) and the RLPD demo tensors are not state."""
+    arrays = {}
+    for name, value in vars(buffer).items():
+        if isinstance(value, np.ndarray) and value.dtype != object:
+            arrays[name] = value
+        elif isinstance(value, dict) and name != "demo" and all(isinstance(v, np.ndarray) for v in value.values()):
+            arrays.update({f"{name}/{key}": v for key, v in value.items()})
+    return arrays
 
 
 def make_sac(
     env, seed: int, hidden: int = 256, layers: int = 2, learning_starts: int = 0, buffer_size: int = 100_000,
-    gradient_steps: int = 1,
+    gradient_steps: int = 1, policy: str = "MlpPolicy", **kwargs,
 ):
+    """SB3 SAC with the project's defaults; kwargs go to SAC (e.g. replay_buffer_class for HER or RLPD)."""
     from stable_baselines3 import SAC
     from stable_baselines3.common.logger import Logger
 
     model = SAC(
-        "MlpPolicy",
+        policy,
         env,
         learning_starts=learning_starts,
         buffer_size=buffer_size,
@@ -34,6 +46,7 @@ def make_sac(
         seed=seed,
         device="cpu",
         verbose=0,
+        **kwargs,
     )
     model.set_logger(Logger(folder=None, output_formats=[]))  # no SB3-* folders, no stdout
     return model
@@ -77,7 +90,7 @@ def save_sac(model, folder: str | Path, state: dict) -> None:
     save_file(tensors, str(folder / "agent.safetensors"))
     torch.save({name: opt.state_dict() for name, opt in _optimizers(model).items()}, folder / "optimizers.pt")
     buffer = model.replay_buffer
-    np.savez(folder / "replay.npz", pos=buffer.pos, full=buffer.full, **{f: getattr(buffer, f) for f in _BUFFER_FIELDS})
+    np.savez(folder / "replay.npz", pos=buffer.pos, full=buffer.full, **_buffer_arrays(buffer))
     state = dict(state, num_timesteps=model.num_timesteps, n_updates=model._n_updates)
     (folder / "state.json").write_text(json.dumps(state, indent=2))
 
@@ -101,8 +114,8 @@ def load_sac(model, folder: str | Path, with_buffer: bool = True) -> dict:
     for name, optimizer in _optimizers(model).items():
         optimizer.load_state_dict(states[name])
     with np.load(folder / "replay.npz", allow_pickle=False) as data:
-        for field in _BUFFER_FIELDS:
-            getattr(model.replay_buffer, field)[...] = data[field]
+        for name, array in _buffer_arrays(model.replay_buffer).items():
+            array[...] = data[name]
         model.replay_buffer.pos, model.replay_buffer.full = int(data["pos"]), bool(data["full"])
     model.num_timesteps, model._n_updates = state["num_timesteps"], state["n_updates"]
     return state

@@ -1,4 +1,4 @@
-"""`ddpo steer train`: one run of dsrl_sac, dsrl_na or sac_scratch, with metrics, checkpoints and a rollout GIF.
+"""`ddpo steer train`: one run of dsrl_sac, dsrl_na, sac_scratch, sac_her or rlpd, with metrics, checkpoints and a rollout GIF.
 
 A run folder holds config.json, metrics.jsonl (one line per evaluation), checkpoint/ (resumable; a resumed
 run starts a fresh episode) and rollout.gif (base against steered, same seed). Budgets count every
@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 from .envs import make_env, normalized_score, REFERENCE_RETURNS
-from .evaluate import ChunkActor, base_actor, evaluate, record_comparison, steered_actor
+from .baselines import RAW_METHODS
+from .evaluate import ChunkActor, base_actor, evaluate_episodes, record_comparison, steered_actor
 from .noise_env import NoiseActionEnv, check_policy_matches
 
-METHODS = ("dsrl_sac", "dsrl_na", "sac_scratch")
+METHODS = ("dsrl_sac", "dsrl_na", *RAW_METHODS)
 
 
 @dataclass
@@ -61,6 +62,16 @@ class TrainConfig:
                              "the budget counts the warm start, so no update would run")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"--seed must be in [0, {2**32 - 1}], got {self.seed}")
+        if self.offline_demos and self.method != "dsrl_na":
+            raise ValueError(f"--offline-demos is for dsrl_na (rlpd always uses the demonstrations), not {self.method}")
+        from .base import RECIPES
+        from .fetch import FETCH_ENVS
+
+        if self.method == "sac_her" and self.env_id not in FETCH_ENVS:
+            raise ValueError(f"sac_her needs a goal-conditioned task ({', '.join(FETCH_ENVS)}), not {self.env_id}")
+        if (self.method == "rlpd" or self.offline_demos) and self.env_id not in RECIPES:
+            raise ValueError(f"{self.env_id} has no scripted demonstrator for rlpd / --offline-demos; "
+                             f"choose one of: {', '.join(RECIPES)}")
 
 
 def load_base_policy(env_id: str, folder: str | None):
@@ -96,7 +107,7 @@ class Progress:
 
     def log(self, env_steps: int, decisions: int, train_returns: list[float]) -> None:
         started, self.last_logged = time.time(), env_steps
-        returns = evaluate(self.config.env_id, self.actor(), self.config.eval_episodes)
+        returns, success_rate = evaluate_episodes(self.config.env_id, self.actor(), self.config.eval_episodes)
         self.eval_seconds += time.time() - started
         train_seconds = max(time.time() - self.start_time - self.eval_seconds, 1e-9)
         record = {
@@ -104,6 +115,7 @@ class Progress:
             "decisions": decisions,
             "episodic_return_mean": float(returns.mean()),
             "episodic_return_std": float(returns.std()),
+            **({} if success_rate is None else {"success_rate": success_rate}),
             "train_return_mean_last10": float(np.mean(train_returns[-10:])) if train_returns else None,
             "env_steps_per_s": (env_steps - self.start_steps) / train_seconds,
             "wall_s": time.time() - self.start_time,
@@ -130,7 +142,7 @@ def train(config: TrainConfig, run_dir: str | Path) -> Path:
     """Train (or resume) the run in `run_dir`; returns the folder."""
     config.validate()
     make_env(config.env_id)  # unknown ids and mismatched policies fail here, before anything is written
-    if config.method != "sac_scratch":
+    if config.method not in RAW_METHODS:
         load_base_policy(config.env_id, config.policy)
     if config.method != "dsrl_na":
         import stable_baselines3  # noqa: F401  (a missing extra fails here, before the folder is written)
@@ -160,9 +172,9 @@ def train(config: TrainConfig, run_dir: str | Path) -> Path:
 
 def write_video(config: TrainConfig, run_dir: Path, steered: ChunkActor) -> Path:
     """rollout.gif: left the base policy (w ~ N(0, I)), right the trained agent; same seed."""
-    if config.method == "sac_scratch":
+    if config.method in RAW_METHODS:
         base = lambda obs: np.asarray(make_env(config.env_id).action_space.sample())[None]  # noqa: E731
-        actors = {"random": base, "sac_scratch": steered}
+        actors = {"random": base, config.method: steered}
     else:
         actors = {"base": base_actor(load_base_policy(config.env_id, config.policy), "gaussian"), config.method: steered}
     path, returns = record_comparison(config.env_id, actors, run_dir / "rollout.gif")
@@ -173,6 +185,7 @@ def write_video(config: TrainConfig, run_dir: Path, steered: ChunkActor) -> Path
 def _train_sb3(config: TrainConfig, run_dir: Path, checkpoint: Path) -> ChunkActor:
     from stable_baselines3.common.callbacks import BaseCallback
 
+    from .baselines import make_raw_model, raw_actor
     from .sb3 import load_sac, make_sac, save_sac, warm_start
 
     if config.method == "dsrl_sac":
@@ -180,19 +193,18 @@ def _train_sb3(config: TrainConfig, run_dir: Path, checkpoint: Path) -> ChunkAct
         env = NoiseActionEnv(make_env(config.env_id), policy, config.noise_bound)
         env_steps = lambda: env.env_steps  # noqa: E731
         train_returns = env.episode_returns
-    else:
-        env = make_env(config.env_id)
+        # DSRL-SAC: updates_per_decision gradient steps per chunk (no SB3 warm-up: ours is w ~ N(0, I)).
+        model = make_sac(env, config.seed, config.hidden, config.layers, 0, gradient_steps=config.updates_per_decision)
+    else:  # raw actions, one gradient step per environment step after SB3's uniform warm-up
+        env, model = make_raw_model(config.method, config.env_id, config.seed, config.hidden, config.layers,
+                                    config.warm_start_steps)
         env_steps = lambda: model.num_timesteps  # noqa: E731
         train_returns = []
-    learning_starts = config.warm_start_steps if config.method == "sac_scratch" else 0
-    # DSRL-SAC: updates_per_decision gradient steps per chunk; SAC from scratch: one per environment step.
-    gradient_steps = config.updates_per_decision if config.method == "dsrl_sac" else 1
-    model = make_sac(env, config.seed, config.hidden, config.layers, learning_starts, gradient_steps=gradient_steps)
 
     def actor() -> ChunkActor:
         if config.method == "dsrl_sac":
             return steered_actor(policy, lambda obs: model.predict(obs, deterministic=True)[0])
-        return lambda obs: model.predict(obs, deterministic=True)[0][None]
+        return raw_actor(config.method, model)
 
     progress = Progress(config, run_dir, actor, lambda s: save_sac(model, checkpoint, s), 0)
     warm_decisions = 0  # decisions taken outside model.learn (the N(0, I) warm start), not in num_timesteps
@@ -210,7 +222,7 @@ def _train_sb3(config: TrainConfig, run_dir: Path, checkpoint: Path) -> ChunkAct
 
     class Hook(BaseCallback):
         def _on_step(self) -> bool:
-            if config.method == "sac_scratch":
+            if config.method in RAW_METHODS:
                 for info in self.locals.get("infos", []):
                     if "episode" in info:
                         train_returns.append(float(info["episode"]["r"]))
