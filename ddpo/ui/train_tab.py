@@ -134,7 +134,7 @@ def build(settings: AppSettings, manager: TrainingManager) -> None:
                                       label="Overlay other runs", elem_id="train-overlay")
                 smoothing = gr.Slider(0, 0.95, value=0, step=0.05, label="Smoothing", scale=1,
                                       elem_id="train-smoothing")
-            plot = gr.Plot(label="Curves per epoch", elem_id="train-curves", format="png")
+            plot = gr.Plot(label="Curves per epoch", show_label=False, elem_id="train-curves", format="png")
             with gr.Row():
                 grid = gr.Image(label="Latest sample grid (click ⛶ for full size)", type="pil", interactive=False,
                                 height=420, elem_id="train-grid")
