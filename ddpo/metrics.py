@@ -65,12 +65,16 @@ def epoch_line(row: dict[str, Any], num_epochs: int) -> str:
 
     line = (f"epoch {row['epoch']}/{num_epochs}  reward {fmt('reward_mean', '.4f')} ± {fmt('reward_std', '.4f')}"
             f"  loss {fmt('loss', '.3g')}  kl {fmt('approx_kl', '.2e')}  clipfrac {fmt('clipfrac', '.3f')}"
-            f"  {fmt('samples_per_s', '.2f')} samples/s (sample {row['sample_s']:.1f}s, reward wait "
+            + (f"  {row['optimizer_steps']} optimizer steps" if "optimizer_steps" in row else "")
+            + (f"  grad norm {row['grad_norm']:.3g}" if row.get("grad_norm") is not None else "")
+            + f"  {fmt('samples_per_s', '.2f')} samples/s (sample {row['sample_s']:.1f}s, reward wait "
             f"{row['reward_s']:.1f}s, train {row['train_s']:.1f}s)")
     if row.get("kl_ref") is not None:
         line += f"  kl to pretrained {row['kl_ref']:.2e}"
     if row.get("nonfinite_steps"):
         line += f"  {row['nonfinite_steps']} non-finite step(s) skipped"
+    if row.get("fp16_skipped_steps"):
+        line += f"  {row['fp16_skipped_steps']} step(s) skipped by the fp16 loss scaler"
     if row.get("eval_reward_mean") is not None:
         line += f"  eval reward {row['eval_reward_mean']:.4f}"
     return line

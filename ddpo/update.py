@@ -113,7 +113,7 @@ def policy_update(unet, scheduler, optimizer, accelerator, params: list, rollout
     accumulation = t.gradient_accumulation_steps * steps_per_sample
     kept: dict[str, list[torch.Tensor]] = {"loss": [], "kl": [], "clipfrac": [], "kl_ref": []}
     step_stats: dict[str, list[torch.Tensor]] = {key: [] for key in kept}  # of the optimizer step being accumulated
-    nonfinite, optimizer_steps = 0, 0
+    nonfinite, optimizer_steps, fp16_skipped, grad_norms = 0, 0, 0, []
     for inner in range(t.num_inner_epochs):
         order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(
             derive_seed(config.seed, epoch, inner, accelerator.process_index, "order")))
@@ -148,6 +148,10 @@ def policy_update(unet, scheduler, optimizer, accelerator, params: list, rollout
                     nonfinite += 1
                 else:
                     optimizer.step()
+                    # fp16: the GradScaler drops a step whose unscaled gradient overflowed (and halves its scale).
+                    fp16_skipped += bool(getattr(optimizer, "step_was_skipped", False))
+                    grad_norms.append(torch.as_tensor(grad_norm, dtype=torch.float32).reshape(1)
+                                      if grad_norm is not None else torch.full((1,), float("nan")))
                     for key in kept:
                         kept[key] += step_stats[key]
                 optimizer.zero_grad(set_to_none=True)
@@ -159,7 +163,31 @@ def policy_update(unet, scheduler, optimizer, accelerator, params: list, rollout
     return {"loss": _mean(accelerator, kept["loss"]), "approx_kl": _mean(accelerator, kept["kl"]) if ddpo else None,
             "clipfrac": _mean(accelerator, kept["clipfrac"]) if ddpo else None,
             **({"kl_ref": _mean(accelerator, kept["kl_ref"])} if ddpo and t.kl_coef > 0 else {}),
-            "nonfinite_steps": nonfinite}
+            "nonfinite_steps": nonfinite, "optimizer_steps": optimizer_steps, "fp16_skipped_steps": fp16_skipped,
+            "grad_norm": _finite_mean(grad_norms)}
+
+
+def _finite_mean(values: list[torch.Tensor]) -> float | None:
+    """Mean of the finite values (the gradient norm before clipping, unscaled under fp16; the same on every
+    process, as DDP has averaged the gradients); None when there is none."""
+    finite = [float(v) for v in values if bool(torch.isfinite(v).all())]
+    return sum(finite) / len(finite) if finite else None
+
+
+def grad_scaler_state(accelerator) -> dict | None:
+    """The fp16 GradScaler's state (loss scale, growth tracker; plain numbers, JSON-able), None without fp16.
+
+    accelerate's wrapped optimizer's `state_dict` leaves it out, so a checkpoint must carry it: a resumed run
+    would otherwise restart the loss scale at 65536 and skip steps until it had backed off again."""
+    scaler = getattr(accelerator, "scaler", None)
+    return dict(scaler.state_dict()) if scaler is not None and scaler.is_enabled() else None
+
+
+def load_grad_scaler_state(accelerator, state: dict | None) -> None:
+    """Restore `grad_scaler_state`'s result; nothing to do without a saved state or without fp16 now."""
+    scaler = getattr(accelerator, "scaler", None)
+    if state and scaler is not None and scaler.is_enabled():
+        scaler.load_state_dict(state)
 
 
 def _nonfinite(accelerator, losses: list[torch.Tensor], grad_norm) -> str | None:

@@ -105,3 +105,31 @@ def test_kl_penalty_needs_lora_and_a_ddpo_algorithm(tmp_path):
         run(tmp_path, "train.kl_coef=0.1", "model.use_lora=false")
     with pytest.raises(ConfigError, match="kl_coef"):
         run(tmp_path, "train.kl_coef=0.1", "train.algorithm=rwr")
+
+
+def test_a_resumed_fp16_run_keeps_its_loss_scale_and_logs_skipped_steps(tmp_path, monkeypatch):
+    # CPU accelerate has no fp16 GradScaler, so give the accelerator a CPU one: the code under test (saving the
+    # scaler in the checkpoint, restoring it, counting the steps it skips) is the same as on a GPU.
+    import json
+
+    import ddpo.trainer as trainer
+
+    made, scales, original = [], [1024.0, 65536.0, float("inf")], trainer.make_accelerator
+
+    def with_scaler(config, run_dir):
+        accelerator = original(config, run_dir)
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=scales[len(made)], growth_interval=1)
+        made.append(accelerator)
+        return accelerator
+
+    monkeypatch.setattr(trainer, "make_accelerator", with_scaler)
+    run_dir = run(tmp_path, "train.num_epochs=1")  # 2 optimizer steps, each doubling the scale: 1024 -> 4096
+    row = read_metrics(run_dir / "metrics.jsonl")[0]
+    assert (row["optimizer_steps"], row["fp16_skipped_steps"]) == (2, 0) and row["grad_norm"] > 0
+    saved = json.loads((list_checkpoints(run_dir)[-1] / "trainer_state.json").read_text())["grad_scaler"]
+    assert saved["scale"] == made[0].scaler.get_scale() == 4096.0
+    train(load_config("tiny_cpu", ["train.num_epochs=2"]), resume=str(run_dir))
+    assert made[1].scaler.get_scale() == 16384.0  # from the saved 4096, not from the fresh scaler's 65536
+    # An overflowing scale: the scaler drops both steps, and the metrics say so.
+    row = read_metrics(run(tmp_path / "inf", "train.num_epochs=1") / "metrics.jsonl")[0]
+    assert (row["optimizer_steps"], row["fp16_skipped_steps"]) == (2, 2)
