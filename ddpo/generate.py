@@ -99,6 +99,7 @@ def generate_images(pipe, prompts: list[str], seed: int = 0, num_steps: int = 50
 
 
 def main(argv: list[str]) -> int:
+    shapes = _shapes_sampler()
     parser = argparse.ArgumentParser(prog="ddpo generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None,
                         help="diffusers folder, hub id, or 'shapes' (default: the checkpoint's model, else shapes)")
@@ -107,18 +108,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("-n", type=int, default=4, help="images per prompt, >= 1 (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (0 .. 2**32-1)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="denoising steps, >= 1 (default: the checkpoint's, else 50)")
+                        help=f"denoising steps, >= 1 (default: the checkpoint's; without --lora {shapes[0]} for "
+                             f"shapes, as configs/{SHAPES_PRESET}.yaml trains, else {DEFAULT_STEPS})")
     parser.add_argument("--guidance", type=float, default=None,
-                        help="CFG scale, >= 1; 1 turns guidance off (default: the checkpoint's, else 5)")
+                        help=f"CFG scale, >= 1; 1 turns guidance off (default: the checkpoint's; without --lora "
+                             f"{shapes[1]:g} for shapes, else {DEFAULT_GUIDANCE:g})")
     parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta >= 0: 1 as in training, 0 deterministic")
     parser.add_argument("--out", default="generated", help="output folder (default ./generated)")
+    parser.add_argument("--quiet", action="store_true", help="print only the image paths")
     args = parser.parse_args(argv)
     _check_args(parser, args)
     from ddpo.checkpoint import CheckpointError
     from ddpo.pipeline import ModelLoadError
 
     try:
-        steps, guidance = _defaults(args)
+        steps, guidance, source = _defaults(args)
         pipe = load_for_inference(args.model, args.lora)
     except (ModelLoadError, CheckpointError) as err:
         print(f"ddpo generate: {err}", file=sys.stderr)
@@ -129,6 +133,8 @@ def main(argv: list[str]) -> int:
     _warn_long_prompts(args.prompt, pipe.tokenizer)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if not args.quiet:
+        print(_settings_line(args, steps, guidance, source, out), flush=True)
     for p_index, prompt in enumerate(args.prompt):
         images = generate_images(pipe, [prompt] * args.n, seed=args.seed, num_steps=steps, guidance_scale=guidance,
                                  eta=args.eta)
@@ -167,23 +173,48 @@ def _warn_long_prompts(prompts: list[str], tokenizer) -> None:
               f"the text encoder reads {tokenizer.model_max_length}, so the rest is cut", file=sys.stderr)
 
 
-def _defaults(args) -> tuple[int, float]:
+SHAPES_PRESET = "shapes_alignment"  # the Shapes model is sampled as this preset trains it (10 steps, guidance 2)
+DEFAULT_STEPS, DEFAULT_GUIDANCE = 50, 5.0  # other models without a checkpoint: Stable Diffusion's usual values
+
+
+def _shapes_sampler() -> tuple[int, float]:
+    from ddpo.config import load_config
+
+    sample = load_config(SHAPES_PRESET).sample
+    return sample.num_steps, sample.guidance_scale
+
+
+def _defaults(args) -> tuple[int, float, dict[str, str]]:
     """Model, steps and guidance: the flags, else those the checkpoint was trained with, else shapes' (or SD's 50
-    and 5). Sets `args.model` when it was not given."""
-    steps, guidance = 50, 5.0
+    and 5). Sets `args.model` (and `args.checkpoint`) when not given. Returns (steps, guidance, where each came
+    from)."""
+    steps, guidance, origin = DEFAULT_STEPS, DEFAULT_GUIDANCE, "the default for models other than shapes"
+    args.checkpoint = None
     if args.lora:
         from ddpo.checkpoint import find_checkpoint
 
-        config = checkpoint_config(find_checkpoint(Path(args.lora)))
-        steps, guidance = config.sample.num_steps, config.sample.guidance_scale
+        args.checkpoint = find_checkpoint(Path(args.lora))
+        config = checkpoint_config(args.checkpoint)
+        steps, guidance, origin = config.sample.num_steps, config.sample.guidance_scale, "the checkpoint's"
         args.model = args.model or config.model.pretrained
     elif (args.model or "shapes") == "shapes":
-        from ddpo.config import load_config
-
-        sample = load_config("shapes_alignment").sample
-        steps, guidance = sample.num_steps, sample.guidance_scale
+        (steps, guidance), origin = _shapes_sampler(), f"shapes' default, from configs/{SHAPES_PRESET}.yaml"
     args.model = args.model or "shapes"
-    return (args.steps or steps, args.guidance if args.guidance is not None else guidance)
+    source = {"steps": "--steps" if args.steps else origin,
+              "guidance": "--guidance" if args.guidance is not None else origin}
+    return (args.steps or steps, args.guidance if args.guidance is not None else guidance, source)
+
+
+def _settings_line(args, steps: int, guidance: float, source: dict[str, str], out: Path) -> str:
+    """What this call uses, so that two calls can be compared (and repeated) exactly."""
+    lora = f", LoRA {args.checkpoint}" if args.checkpoint is not None else " (no --lora: the base model)"
+    if source["steps"] == source["guidance"]:
+        sampler = f"{steps} steps, guidance {guidance:g} ({source['steps']})"
+    else:
+        sampler = f"{steps} steps ({source['steps']}), guidance {guidance:g} ({source['guidance']})"
+    last = args.seed + args.n - 1
+    seeds = f"seed {args.seed}" if args.n == 1 else f"seeds {args.seed}..{last}"
+    return f"ddpo generate: model {args.model}{lora}; {sampler}, eta {args.eta:g}; {seeds} per prompt -> {out}/"
 
 
 def _to_pil(image):

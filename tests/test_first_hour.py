@@ -95,7 +95,22 @@ def test_a_redirected_run_and_generate_print_no_library_noise(tmp_path):
     train = _cli("train", *_tiny(tmp_path, "train.num_epochs=1", "logging.progress=true"))
     assert train.returncode == 0, train.stderr
     assert _own_lines(train.stderr) == [], train.stderr
-    generate = _cli("generate", "--model", "tiny-random", "--lora", str(tmp_path / "run"), "--prompt", "a cat",
-                    "-n", "1", "--out", str(tmp_path / "images"))
+    generate = _cli("generate", "--lora", str(tmp_path / "run"), "--prompt", "a cat", "-n", "2", "--seed", "7",
+                    "--guidance", "1.5", "--out", str(tmp_path / "images"))
     assert generate.returncode == 0, generate.stderr
     assert _own_lines(generate.stderr) == [], generate.stderr
+    # It says what it used: the checkpoint (the run's newest), the model it was trained on, the sampler and seeds.
+    first, *paths = generate.stdout.splitlines()
+    assert first == (f"ddpo generate: model tiny-random, LoRA {tmp_path / 'run' / 'checkpoints' / 'epoch_0001'}; "
+                     f"4 steps (the checkpoint's), guidance 1.5 (--guidance), eta 1; seeds 7..8 per prompt -> "
+                     f"{tmp_path / 'images'}/")
+    assert paths == [str(tmp_path / "images" / f"p00_seed000{i}.png") for i in (7, 8)]
+
+
+def test_generate_help_states_the_shapes_sampler_it_uses():
+    from ddpo.generate import _shapes_sampler
+
+    assert _shapes_sampler() == (10, 2.0)  # the default preset's sampler, which shapes eval also uses
+    result = _cli("generate", "--help")
+    text = " ".join(result.stdout.split())
+    assert "without --lora 10 for shapes" in text and "without --lora 2 for shapes, else 5" in text
