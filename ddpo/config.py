@@ -151,6 +151,14 @@ def list_presets() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("configs").iterdir() if p.name.endswith(".yaml"))
 
 
+def preset_description(name: str) -> str:
+    """The one-line description of a preset: its first line, `# description: ...` (a comment, so that the loader
+    and the config it builds never see it). Empty if the preset has none."""
+    first = (resources.files("configs") / f"{name}.yaml").read_text().partition("\n")[0]
+    prefix = "# description:"
+    return first[len(prefix):].strip() if first.startswith(prefix) else ""
+
+
 def read_yaml(path_or_preset: str) -> dict[str, Any]:
     """Read a YAML file, or a preset shipped in `configs/` by name (with or without `.yaml`)."""
     path = Path(path_or_preset)
@@ -246,8 +254,9 @@ def from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown key {where}{unknown[0]!r}; valid keys in {where.rstrip('.') or 'the top level'}: "
-                          f"{', '.join(fields)}")
+        key = unknown[0] if str(unknown[0]).isidentifier() else repr(unknown[0])  # quoted if odd (spaces, newlines)
+        raise ConfigError(f"unknown key {where}{key}{_suggestion(where, str(unknown[0]), fields)}; valid keys in "
+                          f"{where.rstrip('.') or 'the top level'}: {', '.join(fields)}")
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
@@ -256,6 +265,14 @@ def from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
         else:
             kwargs[name] = _check_type(f"{where}{name}", value, hint)
     return cls(**kwargs)
+
+
+def _suggestion(where: str, key: str, fields) -> str:
+    """", did you mean train.num_epochs?" for the closest valid key of this section, if one is close."""
+    import difflib
+
+    close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+    return f" (did you mean {where}{close[0]}?)" if close else ""
 
 
 def _check_type(key: str, value: Any, hint: Any) -> Any:

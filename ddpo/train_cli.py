@@ -28,11 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    from ddpo.config import ConfigError, list_presets, load_config
+    from ddpo.config import DEFAULT_PRESET, ConfigError, list_presets, load_config, preset_description
 
     args = build_parser().parse_args(argv)
     if args.list_presets:
-        print("\n".join(list_presets()))
+        names = list_presets()
+        width = max(len(name) for name in names)
+        for name in names:
+            default = " (the default)" if name == DEFAULT_PRESET else ""
+            print(f"{name:<{width}}  {preset_description(name)}{default}")
         return 0
     config_arg, overrides = args.config, list(args.overrides)
     if config_arg and "=" in config_arg:  # `ddpo train seed=3`: an override, not a config file

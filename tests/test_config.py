@@ -18,6 +18,21 @@ def test_every_preset_loads_and_validates():
         load_config(name)
 
 
+def test_every_preset_has_a_one_line_description_that_list_presets_prints(capsys):
+    from ddpo.config import preset_description
+    from ddpo.train_cli import main
+
+    assert main(["--list-presets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list_presets()
+    for name, line in zip(list_presets(), lines):
+        description = preset_description(name)
+        assert 20 <= len(description) <= 120 and line.split(None, 1)[1].startswith(description), name
+    assert [line for line in lines if line.endswith("(the default)")] == [line for line in lines
+                                                                          if line.startswith("shapes_alignment ")]
+    assert "8 GPUs" in preset_description("sd15_aesthetic") and "offline" in preset_description("shapes_alignment")
+
+
 def test_reward_kwargs_overrides_merge_into_the_presets_unless_the_reward_changes():
     config = load_config("shapes_alignment", ["reward.kwargs.expected=false", "reward.kwargs.num_captions=4",
                                               "reward.kwargs.captioner_kwargs.do_sample=true"])
@@ -42,8 +57,11 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
 
 
 @pytest.mark.parametrize("override,message", [
-    (["train.lerning_rate=1"], r"unknown key train.'lerning_rate'; valid keys in train: algorithm,"),
-    (["trian.x=1"], r"unknown key 'trian'"),
+    (["train.lerning_rate=1"], r"unknown key train.lerning_rate \(did you mean train.learning_rate\?\); valid keys in "
+                               r"train: algorithm,"),
+    (["trian.x=1"], r"unknown key trian \(did you mean train\?\); valid keys in the top level"),
+    (["train.zzz=1"], r"unknown key train.zzz; valid keys in train"),  # nothing close: no suggestion
+    (["train.num epochs=1"], r"unknown key train.'num epochs' \(did you mean train.num_epochs\?\)"),
     (["train.algorithm=ppo"], r"train.algorithm='ppo' is not valid; choose one of: ddpo_is, ddpo_sf, rwr, rwr_sparse"),
     (["model.use_lora=maybe"], r"model.use_lora must be of type bool"),
     (["sample.eta=0"], r"needs a stochastic policy"),
