@@ -151,7 +151,8 @@ class RewardPool:
     def __init__(self, name: str, kwargs: dict[str, Any], executor: str = "process", timeout_s: float = 600.0):
         from rewards import build_reward
 
-        self.name, self.executor, self.timeout_s = name, executor, timeout_s
+        kwargs = per_rank_device(kwargs)
+        self.name, self.kwargs, self.executor, self.timeout_s = name, kwargs, executor, timeout_s
         self._prompts: dict[cf.Future, list[str]] = {}  # submitted and not yet collected: close() must know
         # Built here too, so a bad name or bad kwargs fail before any model loads (rewards load weights lazily).
         try:
@@ -236,6 +237,25 @@ def _terminate_workers(pool: cf.ProcessPoolExecutor, grace_s: float = 5.0) -> No
         if worker.is_alive():
             worker.kill()
             worker.join(grace_s)
+
+
+def per_rank_device(kwargs: dict[str, Any], local_rank: int | None = None) -> dict[str, Any]:
+    """`kwargs` with every `device: cuda` (also in nested kwargs, e.g. captioner_kwargs) made this process's GPU,
+    `cuda:LOCAL_RANK`, so that 8 processes put their 8 reward models on 8 GPUs rather than all on GPU 0 (the worker
+    process starts with no CUDA device set). An explicit index (`cuda:1`) and other devices are kept; so is `cuda`
+    when the process was not started by a launcher (no LOCAL_RANK). `local_rank` defaults to $LOCAL_RANK."""
+    if local_rank is None:
+        rank = os.environ.get("LOCAL_RANK", "")
+        if not rank.isdigit():
+            return kwargs
+        local_rank = int(rank)
+
+    def mapped(value: Any, key: str | None = None) -> Any:
+        if isinstance(value, dict):
+            return {k: mapped(v, k) for k, v in value.items()}
+        return f"cuda:{local_rank}" if key == "device" and value == "cuda" else value
+
+    return mapped(kwargs)
 
 
 def check_finite(scores: np.ndarray, prompts: list[str], info: dict[str, list], policy: str) -> np.ndarray:

@@ -68,3 +68,21 @@ def test_close_terminates_a_busy_process_worker(tmp_path):
     workers = list(pool._pool._processes.values())
     pool.close()
     assert workers and not any(w.is_alive() for w in workers), "close() left the hung reward worker running"
+
+
+def test_each_rank_puts_its_reward_model_on_its_own_gpu(monkeypatch):
+    from ddpo.reward_pool import per_rank_device
+
+    kwargs = {"device": "cuda", "captioner_kwargs": {"device": "cuda", "dtype": "float16"}, "metric": "recall"}
+    assert per_rank_device(kwargs, 1) == {"device": "cuda:1", "captioner_kwargs": {"device": "cuda:1",
+                                                                                   "dtype": "float16"},
+                                          "metric": "recall"}
+    assert per_rank_device({"device": "cuda:3"}, 1) == {"device": "cuda:3"}  # an explicit GPU is kept
+    assert per_rank_device({"device": "cpu"}, 1) == {"device": "cpu"}
+    monkeypatch.setenv("LOCAL_RANK", "1")  # as torchrun / accelerate launch set it
+    assert per_rank_device({"device": "cuda"}) == {"device": "cuda:1"}
+    pool = RewardPool("rewards_for_tests:brightness", {"device": "cuda"}, "inline")  # what the worker is given
+    pool.close()
+    assert pool.kwargs == {"device": "cuda:1"}
+    monkeypatch.delenv("LOCAL_RANK")
+    assert per_rank_device({"device": "cuda"}) == {"device": "cuda"}  # one process, no launcher: as given
