@@ -19,9 +19,14 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("list", help="the built-in grammars, their sizes and held-out splits")
     sample = commands.add_parser("sample", help="print prompts sampled from a grammar")
     sample.add_argument("grammar", help="a built-in grammar name or a grammar file path")
-    sample.add_argument("-n", type=int, default=10, help="number of prompts (default: 10)")
+    sample.add_argument("-n", type=int, default=10,
+                        help="number of prompts (default: 10), drawn independently by the grammar's weights, i.e. with "
+                             "replacement: a prompt can repeat (see --unique)")
     sample.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     sample.add_argument("--split", choices=["train", "heldout"], default=None, help="sample from one split only")
+    sample.add_argument("--unique", action="store_true",
+                        help="n different prompts (the first n distinct ones of the same draws); an error if the "
+                             "grammar or split has fewer")
     sample.add_argument("--json", action="store_true", help="one JSON object per line: text and metadata")
     check = commands.add_parser("check", help="validate a grammar file and report its size, splits and warnings")
     check.add_argument("file", help="a grammar file path (or a built-in name)")
@@ -54,9 +59,29 @@ def _sample(args: argparse.Namespace) -> int:
         print("ddpo prompts sample: -n must be 0 or more", file=sys.stderr)
         return 2
     grammar = load_grammar(args.grammar)
-    for prompt in grammar.sample(args.n, seed=args.seed, split=args.split):
+    drawn = (_distinct(grammar, args.n, args.seed, args.split) if args.unique
+             else grammar.sample(args.n, seed=args.seed, split=args.split))
+    for prompt in drawn:
         print(json.dumps({"text": prompt.text, "metadata": prompt.metadata}) if args.json else prompt.text)
     return 0
+
+
+def _distinct(grammar: Grammar, n: int, seed: int, split: str | None) -> list:
+    """The first `n` distinct prompts of `grammar.sample(m, seed, split)` for growing m (the first k of a sample do
+    not depend on m), so `--unique` keeps the weights' order of appearance. Raises if there are fewer than n."""
+    where = f"the {split} split of {grammar.name!r}" if split else repr(grammar.name)
+    if grammar.is_finite and grammar.count(split) < n:
+        raise ValueError(f"--unique -n {n}: {where} has only {grammar.count(split)} different prompts")
+    m = max(2 * n, 16)
+    while True:
+        seen: dict[str, object] = {}
+        for prompt in grammar.sample(m, seed=seed, split=split):
+            seen.setdefault(prompt.text, prompt)
+            if len(seen) == n:
+                return list(seen.values())
+        if m >= max(100 * n, 10_000):  # rare prompts of an infinite grammar: give up rather than loop for long
+            raise ValueError(f"--unique -n {n}: found only {len(seen)} different prompts of {where} in {m} draws")
+        m *= 4
 
 
 def _load_tokenizer(path: str):

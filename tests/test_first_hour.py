@@ -114,3 +114,15 @@ def test_generate_help_states_the_shapes_sampler_it_uses():
     result = _cli("generate", "--help")
     text = " ".join(result.stdout.split())
     assert "without --lora 10 for shapes" in text and "without --lora 2 for shapes, else 5" in text
+
+
+def test_shapes_eval_json_is_strict_json_with_null_for_no_pairs(tmp_path, capsys):
+    from ddpo.shapes.cli import main as shapes_main
+
+    out = tmp_path / "eval.json"
+    assert shapes_main(["eval", "--rare-only", "--per-pair", "1", "--steps", "2", "--json", str(out)]) == 0
+    strict = json.loads(out.read_text(), parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    assert strict["common_accuracy"] is None and 0 <= strict["rare_accuracy"] <= 1  # --rare-only: no common pairs
+    assert len(strict["per_pair"]) == 6
+    printed = json.loads(capsys.readouterr().out, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    assert printed["common_accuracy"] is None and "per_pair" not in printed

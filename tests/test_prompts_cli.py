@@ -28,6 +28,21 @@ def test_sample_prints_the_library_prompts(capsys):
     assert [(r["text"], r["metadata"]) for r in rows] == [tuple(p) for p in load_grammar("counting").sample(3, seed=0)]
 
 
+def test_sample_is_with_replacement_and_unique_gives_distinct_prompts(capsys):
+    assert main(["sample", "shapes", "-n", "3", "--seed", "0", "--split", "heldout"]) == 0
+    plain = capsys.readouterr().out.splitlines()
+    assert len(set(plain)) < 3  # with replacement: this draw repeats a prompt
+    assert main(["sample", "shapes", "-n", "3", "--seed", "0", "--split", "heldout", "--unique"]) == 0
+    unique = capsys.readouterr().out.splitlines()
+    assert len(set(unique)) == 3 and unique[0] == plain[0]  # the first distinct prompts of the same draws
+    assert main(["sample", "shapes", "-n", "42", "--split", "heldout", "--unique"]) == 0
+    assert len(set(capsys.readouterr().out.splitlines())) == 42  # every held-out prompt
+    assert main(["sample", "shapes", "-n", "43", "--split", "heldout", "--unique"]) == 1
+    assert "the heldout split of 'shapes' has only 42 different prompts" in capsys.readouterr().err
+    assert main(["sample", "--help"]) == 0
+    assert "with replacement" in " ".join(capsys.readouterr().out.split())
+
+
 def test_sample_errors_have_exit_codes(capsys):
     assert main(["sample", "no_such_grammar"]) == 1
     assert "built-in grammars:" in capsys.readouterr().err

@@ -38,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--rare-only", action="store_true", help="only the six rare pairs (faster)")
     ev.add_argument("--grid", type=Path, default=None, help="write a PNG grid of the rare pairs here")
-    ev.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
+    ev.add_argument("--json", type=Path, default=None,
+                    help="write the results as JSON here (strict JSON: an accuracy with no pairs to average, "
+                         "e.g. common_accuracy with --rare-only, is null)")
     return parser
 
 
@@ -86,8 +88,20 @@ def _eval(args: argparse.Namespace) -> int:
     result = evaluate_pipeline(pipe, per_pair=args.per_pair, steps=args.steps, guidance=args.guidance,
                                eta=args.eta, seed=args.seed, pairs=RARE_PAIRS if args.rare_only else None,
                                grid_path=args.grid)
-    print(json.dumps({k: v for k, v in result.items() if k != "per_pair"}, indent=1))
+    result = _nan_to_null(result)
+    print(json.dumps({k: v for k, v in result.items() if k != "per_pair"}, indent=1, allow_nan=False))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
+        args.json.write_text(json.dumps(result, indent=1, allow_nan=False))
     return 0
+
+
+def _nan_to_null(value):
+    """JSON has no NaN: a mean over no pairs (NaN) becomes null, in nested dicts and lists too."""
+    import math
+
+    if isinstance(value, dict):
+        return {k: _nan_to_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_null(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
