@@ -127,3 +127,19 @@ def test_pairs_and_cards_show_every_score_escaped():
     assert "+0.5000" in html and "-1.0000" in html and "#1a7f37" in html and "#cf222e" in html
     card = cards.score_cards([img], {"jpeg_incompressibility": np.array([np.nan])}, [3], ["p"])
     assert "jpeg_incompressibility</span> <b>n/a</b>" in card and "seed 3" in card
+
+
+def test_gpu_only_presets_and_unavailable_rewards_are_said_before_start():
+    import torch
+
+    from ddpo.config import load_config
+    from ddpo.ui.training import cannot_run_here
+
+    assert cannot_run_here(load_config("tiny_cpu")) is None
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    problem = cannot_run_here(load_config("tiny_cpu", ["model.mixed_precision=fp16"]))
+    assert problem.startswith("cannot run here:") and "mixed_precision=fp16 needs a GPU" in problem
+    problem = cannot_run_here(load_config("tiny_cpu", ["reward.name=hpsv2"]))
+    hpsv2_installed = __import__("importlib.util").util.find_spec("hpsv2") is not None
+    assert hpsv2_installed or (problem and "reward hpsv2: reward 'hpsv2' needs the package" in problem)

@@ -19,7 +19,7 @@ _lock = threading.Lock()
 def one_line(err: BaseException | str, limit: int = 240) -> str:
     """The first sentence of an error's first line (no download instructions, no URLs), at most `limit` chars."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    for stop in (". Download", ". Install", "; rewards that need", " (see http", ". See http"):
+    for stop in (". Download", ". Install", "; rewards that need", " (see http", ". See http", ": `pip", " (or `pip"):
         text = text.split(stop)[0]
     text = text.split(" https://")[0].split(" http://")[0].rstrip(" .:;,")
     return text if len(text) <= limit else text[:limit - 1] + "…"

@@ -58,3 +58,6 @@ def build(settings: AppSettings) -> None:
     sample.click(on_sample, [grammar, split, n, seed], sampled, api_name="sample_prompts")
     grammar.change(readable_errors(lambda name: grammar_info(name, lim.max_prompts_shown)), grammar,
                    [about, heldout], api_name="grammar_info")
+    # a sample of the previous grammar would pass for one of this grammar
+    grammar.change(lambda: None, None, sampled, api_name=False, queue=False, show_progress="hidden")
+    seed.submit(on_sample, [grammar, split, n, seed], sampled, api_name=False)

@@ -91,11 +91,11 @@ def build(settings: AppSettings):
             render = gr.Checkbox(True, label="Render the first episode")
         with gr.Column(scale=2):
             summary = gr.Markdown(elem_id="steer-summary")
-            chart = gr.Plot(label="Return per episode", elem_id="steer-chart", format="png")
+            chart = gr.Plot(label="Return per episode", show_label=False, elem_id="steer-chart", format="png")
             video = gr.Image(label="First episode", type="filepath", interactive=False, height=360,
                              elem_id="steer-video")
             table = gr.Dataframe(label="Returns", interactive=False)
-            curve = gr.Plot(run_curve(settings, env0, None), label="The steering run's evaluation during training",
+            curve = gr.Plot(run_curve(settings, env0, None), show_label=False,
                             elem_id="steer-curve", format="png")
 
     @readable_errors

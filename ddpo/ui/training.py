@@ -138,6 +138,11 @@ def cannot_run_here(config) -> str | None:
             require_weights(pretrained, "the model", "", filename="model_index.json")
         except FileNotFoundError as err:
             problems.append(str(err).strip().rstrip("."))
+    if config.reward.name not in ("compose", "remote"):
+        from ddpo.ui.availability import unavailable_rewards
+
+        missing = unavailable_rewards([config.reward.name], {config.reward.name: dict(config.reward.kwargs or {})})
+        problems += [f"reward {name}: {why}" for name, why in missing.items()]
     if not torch.cuda.is_available():
         if config.model.mixed_precision != "no":
             problems.append(f"model.mixed_precision={config.model.mixed_precision} needs a GPU (there is none "
