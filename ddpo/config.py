@@ -335,6 +335,13 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def optimizer_steps_per_epoch(c: Config) -> int:
+    """Optimizer steps per epoch (on every process alike): inner epochs x samples per process / samples per step."""
+    s, t = c.sample, c.train
+    per_step = t.batch_size * t.gradient_accumulation_steps
+    return t.num_inner_epochs * max(1, s.batch_size * s.num_batches_per_epoch // per_step)
+
+
 def validate(c: Config) -> None:
     """Cross-field checks, all before any model loads."""
     s, t, p, lg = c.sample, c.train, c.prompts, c.logging
@@ -365,6 +372,13 @@ def validate(c: Config) -> None:
     _require(micro_batches % t.gradient_accumulation_steps == 0,
              f"{micro_batches} micro-batches per process per inner epoch is not divisible by "
              f"train.gradient_accumulation_steps={t.gradient_accumulation_steps}; choose a divisor of {micro_batches}")
+    steps = optimizer_steps_per_epoch(c)
+    if t.algorithm == "ddpo_sf":  # REINFORCE's gradient is unbiased only on the policy that drew the samples
+        _require(steps == 1, f"train.algorithm=ddpo_sf (REINFORCE) is on-policy, but {samples} samples per process in "
+                 f"steps of train.batch_size={t.batch_size} x train.gradient_accumulation_steps="
+                 f"{t.gradient_accumulation_steps} take {steps} optimizer steps per epoch (each after the first on "
+                 f"stale samples). Set train.gradient_accumulation_steps={micro_batches} (one step per epoch), or use "
+                 "train.algorithm=ddpo_is (importance sampling, made for several steps)")
     _require(0 < t.timestep_fraction <= 1, f"train.timestep_fraction={t.timestep_fraction} must be in (0, 1]")
     _require(t.clip_range > 0, f"train.clip_range={t.clip_range} must be > 0")
     _require(t.adv_clip_max > 0, f"train.adv_clip_max={t.adv_clip_max} must be > 0")
