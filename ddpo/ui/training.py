@@ -229,6 +229,7 @@ def run_status(run_dir: Path, code: int | None, running: bool, stopped_by_user: 
     name = run_dir.name
     done, total, eta = progress_of(run_dir)
     of = f"{done}/{total}" if total else str(done)
+    after = f"after epoch {of}" if done else "before the first epoch"
     if running:
         if done == 0:
             waited = f" ({time.time() - started_at:.0f} s)" if started_at else ""
@@ -241,13 +242,13 @@ def run_status(run_dir: Path, code: int | None, running: bool, stopped_by_user: 
     if code == 0:
         return f"**{name}**: finished, {of} epochs"
     if stopped_by_user:
-        return f"**{name}**: stopped by you after epoch {of}"
+        return f"**{name}**: stopped by you {after}"
     if code in (-signal.SIGTERM, 128 + signal.SIGTERM, -signal.SIGINT, 128 + signal.SIGINT):
-        return f"**{name}**: stopped from outside the app (terminated) after epoch {of}"
+        return f"**{name}**: stopped from outside the app (terminated) {after}"
     if code in (-signal.SIGKILL, 128 + signal.SIGKILL):
-        return f"**{name}**: killed after epoch {of} (out of memory?)"
+        return f"**{name}**: killed {after} (out of memory?)"
     why = error_line(run_dir)
-    return f"**{name}**: failed after epoch {of}" + (f": {why}" if why else f" (exit code {code}); see the log")
+    return f"**{name}**: failed {after}" + (f": {why}" if why else f" (exit code {code}); see the log")
 
 
 _ERROR = re.compile(r"^(ddpo \w+: |\w*(Error|Exception)\b)")
