@@ -80,7 +80,7 @@ def epoch_line(row: dict[str, Any], num_epochs: int) -> str:
     return line
 
 
-def run_folder_line(run_dir: Path, config, resumed: bool = False) -> str:
+def run_folder_line(run_dir: Path, config, resumed: bool = False, tensorboard: bool | None = None) -> str:
     """Where a run writes, printed when it starts and ends: the folder and what to look at in it."""
     log = config.logging
     what = [f"metrics.jsonl (a row per epoch)"]
@@ -88,8 +88,13 @@ def run_folder_line(run_dir: Path, config, resumed: bool = False) -> str:
         what.append("samples/epoch_NNNN.png (a grid per epoch)")
     every = "every epoch" if log.save_every == 1 else f"every {log.save_every} epochs"
     what.append(f"checkpoints/epoch_NNNN/ ({every}, newest {log.keep_last} kept)")
-    board = (f"TensorBoard: tensorboard --logdir {run_dir}" if log.tensorboard
-             else "TensorBoard: off (logging.tensorboard=true turns it on)")
+    writing = log.tensorboard if tensorboard is None else tensorboard  # False when the package is missing
+    if writing:
+        board = f"TensorBoard: tensorboard --logdir {run_dir}"
+    elif log.tensorboard:
+        board = "TensorBoard: none (tensorboard is not installed)"
+    else:
+        board = "TensorBoard: off (logging.tensorboard=true turns it on)"
     return f"run folder {run_dir}{' (resumed)' if resumed else ''}: " + ", ".join(what) + f"; {board}"
 
 

@@ -172,7 +172,8 @@ def train(config: Config, resume: str | None = None) -> Path:
             save_config(config, run_dir / "config.yaml")
             truncate_metrics(run_dir / "metrics.jsonl", start_epoch)
             accelerator.init_trackers("ddpo", config=_flat(config.to_dict()))
-            print(run_folder_line(run_dir, config, resumed=resume_from is not None), flush=True)
+            print(run_folder_line(run_dir, config, resumed=resume_from is not None,
+                                  tensorboard=config.logging.tensorboard and _has_tensorboard()), flush=True)
         baseline = {}
         if config.prompts.eval_every and start_epoch == 0:  # "before" for the before/after comparison
             baseline["eval_reward_before"] = _evaluation(config, pipe, unet, grammar, reward_pool, accelerator,

@@ -126,3 +126,75 @@ def test_shapes_eval_json_is_strict_json_with_null_for_no_pairs(tmp_path, capsys
     assert len(strict["per_pair"]) == 6
     printed = json.loads(capsys.readouterr().out, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
     assert printed["common_accuracy"] is None and "per_pair" not in printed
+
+
+def _readme_config_rows():
+    """(keys, code-default cells, `ddpo train` cells) of each row of the README's config reference table."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = text[text.index("### Config reference"):text.index("## Inference")]
+    for line in table.splitlines():
+        if not line.startswith("| `"):
+            continue
+        key_cell, default_cell, preset_cell = (cell.strip() for cell in line.strip().strip("|").split("|")[:3])
+        keys = [k.strip().strip("`") for k in key_cell.split(",")]
+        section = keys[0].split(".")[0] if "." in keys[0] else ""
+        keys = [k if "." in k or not section else f"{section}.{k}" for k in keys]
+
+        def cells(cell):
+            return [c.strip().strip("`") for c in cell.split("`, `")] if cell else [None] * len(keys)
+
+        yield keys, cells(default_cell), cells(preset_cell)
+
+
+def _matches(cell: str, value) -> bool:
+    """A README cell written as YAML (`3e-4`, `[to_q, to_k]`, `""`) against a config value."""
+    import yaml
+
+    if isinstance(value, str):  # text as written: `no` is mixed_precision "no", `""` the empty string
+        return cell.strip('"') == value
+    parsed = yaml.safe_load(cell)
+    if isinstance(parsed, str):
+        try:
+            parsed = float(parsed)  # YAML 1.1 reads 3e-4 as text
+        except ValueError:
+            pass
+    return parsed == value
+
+
+def test_readme_config_reference_matches_the_code_defaults_and_the_default_preset():
+    from ddpo.config import Config
+
+    def flat(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict) and key != "kwargs":
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    defaults, preset = dict(flat(Config().to_dict())), dict(flat(load_config().to_dict()))
+    seen = []
+    for keys, default_cells, preset_cells in _readme_config_rows():
+        assert len(keys) == len(default_cells) == len(preset_cells), keys
+        for key, default, ran in zip(keys, default_cells, preset_cells):
+            seen.append(key)
+            assert _matches(default, defaults[key]), (key, default, defaults[key])
+            # An empty cell: the default preset keeps the code default.
+            assert _matches(ran, preset[key]) if ran is not None else preset[key] == defaults[key], (key, ran)
+    assert sorted(seen) == sorted(defaults)  # every key documented, once
+
+
+def test_tensorboard_files_when_asked_and_a_warning_when_the_package_is_missing(tmp_path, capsys, caplog, monkeypatch):
+    import ddpo.trainer
+
+    assert train_main(_tiny(tmp_path, "train.num_epochs=1", "logging.tensorboard=true")) == 0
+    assert f"TensorBoard: tensorboard --logdir {tmp_path / 'run'}" in capsys.readouterr().out
+    assert len(list((tmp_path / "run" / "ddpo").glob("events.out.tfevents.*"))) == 1  # where the README says
+
+    monkeypatch.setattr(ddpo.trainer, "_has_tensorboard", lambda: False)
+    assert train_main(_tiny(tmp_path, "train.num_epochs=1", "logging.tensorboard=true", "logging.run_name=none")) == 0
+    assert "TensorBoard: none (tensorboard is not installed)" in capsys.readouterr().out
+    assert any("tensorboard is not installed: this run writes no TensorBoard files" in r.getMessage()
+               for r in caplog.records)
+    assert not (tmp_path / "none" / "ddpo").exists()
