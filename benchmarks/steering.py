@@ -1,4 +1,8 @@
-"""DSRL benchmark: base, dsrl_sac, dsrl_na, sac_scratch on Pendulum-v1 and Reacher-v5 at equal environment steps.
+"""DSRL benchmark at equal environment steps. Two suites:
+
+- dense (default): base, dsrl_sac, dsrl_na, sac_scratch on Pendulum-v1 and Reacher-v5 (returns);
+- manipulation: base, dsrl_sac, dsrl_na, dsrl_na_demos (demos in its replay), sac_her, rlpd on FetchPush-v4 and
+  FetchPickAndPlace-v4 (sparse reward; success rate on fixed evaluation seeds).
 
 Resumable and incremental: each (env, method, seed) trains in runs/bench_steering/<key>/ (resumable checkpoints)
 and, once finished, its metrics are copied to benchmarks/results/steering/<key>.jsonl; finished keys are skipped.
@@ -6,6 +10,8 @@ Jobs run seed-major, so a cut-off benchmark still covers every method for the fi
 
     nice -n 10 python benchmarks/steering.py run --seeds 0 1 2 --steps 30000   (start it twice for two workers)
     python benchmarks/steering.py report      # table (markdown) and curves (PNG) from whatever has finished
+    python benchmarks/steering.py run --suite manipulation --seeds 0 --steps 50000 --eval-every 5000 --eval-episodes 20
+    python benchmarks/steering.py report --suite manipulation
 """
 
 from __future__ import annotations
@@ -24,10 +30,16 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "steering"
-ENVS = ("Pendulum-v1", "Reacher-v5")
-METHODS = ("base", "dsrl_sac", "dsrl_na", "sac_scratch")
-# Optional variants (not run by default): DSRL with 4 updates per decision = SAC-from-scratch's update count.
-VARIANTS = {"dsrl_sac_utd4": ("dsrl_sac", 4), "dsrl_na_utd4": ("dsrl_na", 4)}
+SUITES = {
+    "dense": (("Pendulum-v1", "Reacher-v5"), ("base", "dsrl_sac", "dsrl_na", "sac_scratch")),
+    "manipulation": (("FetchPush-v4", "FetchPickAndPlace-v4"), ("base", "dsrl_na", "sac_her", "rlpd", "dsrl_sac", "dsrl_na_demos")),
+}
+ENVS, METHODS = SUITES["dense"]
+# Variants: TrainConfig overrides of a method. utd4: DSRL with 4 updates per decision = SAC-from-scratch's update
+# count (optional, dense suite); dsrl_na_demos: DSRL-NA with the degraded demonstrations in its replay buffer.
+VARIANTS = {"dsrl_sac_utd4": ("dsrl_sac", {"updates_per_decision": 4}),
+            "dsrl_na_utd4": ("dsrl_na", {"updates_per_decision": 4}),
+            "dsrl_na_demos": ("dsrl_na", {"offline_demos": True})}
 
 
 def claim(key: str) -> bool:
@@ -67,17 +79,18 @@ def _run_job(key: str, env_id: str, method: str, seed: int, steps: int, eval_eve
         from ddpo.steering.api import compare_base
 
         summary = compare_base(env_id, episodes=eval_episodes, noise_seed=seed)
-        lines = [{"env_steps": s, "episodic_return_mean": summary["base_gaussian"]["return_mean"],
-                  "episodic_return_std": summary["base_gaussian"]["return_std"], "base_zero": summary["base_zero"],
-                  "expert": summary["expert"]} for s in (0, steps)]
+        gaussian = summary["base_gaussian"]
+        lines = [{"env_steps": s, "episodic_return_mean": gaussian["return_mean"],
+                  "episodic_return_std": gaussian["return_std"], "base_zero": summary["base_zero"],
+                  "expert": summary["expert"], **({"success_rate": gaussian["success_rate"]} if "success_rate" in gaussian else {})}
+                 for s in (0, steps)]
         result.write_text("".join(json.dumps(line) + "\n" for line in lines))
         return
     from ddpo.steering.train import TrainConfig, train
 
-    method, updates_per_decision = VARIANTS.get(method, (method, 1))
+    method, overrides = VARIANTS.get(method, (method, {}))
     config = TrainConfig(env_id=env_id, method=method, steps=steps, seed=seed, eval_every=eval_every,
-                         eval_episodes=eval_episodes, checkpoint_every=eval_every * 2, video=(seed == 0),
-                         updates_per_decision=updates_per_decision)
+                         eval_episodes=eval_episodes, checkpoint_every=eval_every * 2, video=(seed == 0), **overrides)
     run_dir = train(config, runs_dir / key)
     shutil.copy(run_dir / "metrics.jsonl", result)
     if (run_dir / "rollout.gif").is_file():
@@ -129,28 +142,61 @@ def report() -> str:
     return "\n".join(rows)
 
 
-def plot(path: Path) -> None:
+def report_success(envs: tuple[str, ...], methods: tuple[str, ...]) -> str:
+    """Sparse-reward suite: success rate on the fixed evaluation seeds, against the base policy (w ~ N(0, I))."""
+    table = load_results()
+    rows = ["| env | method | seeds | env steps | success at half budget | final success (mean ± s.e.) | vs base (points) "
+            "| best success seen | wall-clock per run (s) | train env steps/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for env_id in envs:
+        base_runs = table.get((env_id, "base"), [])
+        base = np.mean([run[-1]["success_rate"] for run in base_runs]) if base_runs else None
+        for method in methods:
+            runs = table.get((env_id, method), [])
+            if not runs:
+                continue
+            finals = np.array([run[-1]["success_rate"] for run in runs])
+            steps = sorted({run[-1]["env_steps"] for run in runs})
+            se = finals.std(ddof=1) / np.sqrt(len(finals)) if len(finals) > 1 else float("nan")
+            half = np.mean([np.interp(run[-1]["env_steps"] / 2, [l["env_steps"] for l in run],
+                                      [l["success_rate"] for l in run]) for run in runs])
+            best = np.mean([max(l["success_rate"] for l in run) for run in runs])
+            delta = "-" if base is None or method == "base" else f"{100 * (finals.mean() - base):+.0f}"
+            walls = [run[-1]["wall_s"] for run in runs if "wall_s" in run[-1]]
+            speeds = [run[-1]["env_steps_per_s"] for run in runs if "env_steps_per_s" in run[-1]]
+            wall = f"{np.mean(walls):.0f}" if walls else "-"
+            speed = f"{np.mean(speeds):.0f}" if speeds else "-"
+            rows.append(f"| {env_id} | {method} | {len(runs)} | {'/'.join(map(str, steps))} | {half:.2f} | "
+                        f"{finals.mean():.2f} ± {se:.2f} | {delta} | {best:.2f} | {wall} | {speed} |")
+        if base_runs:
+            last = base_runs[0][-1]
+            for name, key in (("base (w = 0)", "base_zero"), ("scripted expert", "expert")):
+                rows.append(f"| {env_id} | {name} | 1 | - | - | {last[key]['success_rate']:.2f} | - | - | - | - |")
+    return "\n".join(rows)
+
+
+def plot(path: Path, envs: tuple[str, ...] = ENVS, methods: tuple[str, ...] = METHODS + tuple(VARIANTS),
+         metric: str = "episodic_return_mean") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     table = load_results()
-    figure, axes = plt.subplots(1, len(ENVS), figsize=(6 * len(ENVS), 4))
-    for axis, env_id in zip(np.atleast_1d(axes), ENVS):
-        for method in METHODS + tuple(VARIANTS):
+    figure, axes = plt.subplots(1, len(envs), figsize=(6 * len(envs), 4))
+    for axis, env_id in zip(np.atleast_1d(axes), envs):
+        for method in methods:
             runs = table.get((env_id, method), [])
             if not runs:
                 continue
             grid = np.unique(np.concatenate([[line["env_steps"] for line in run] for run in runs]))
-            curves = np.array([np.interp(grid, [l["env_steps"] for l in run], [l["episodic_return_mean"] for l in run]) for run in runs])
+            curves = np.array([np.interp(grid, [l["env_steps"] for l in run], [l[metric] for l in run]) for run in runs])
             mean = curves.mean(0)
             se = curves.std(0, ddof=1) / np.sqrt(len(runs)) if len(runs) > 1 else np.zeros_like(mean)
             axis.plot(grid, mean, label=f"{method} (n={len(runs)})")
             axis.fill_between(grid, mean - se, mean + se, alpha=0.2)
         axis.set_title(env_id)
         axis.set_xlabel("environment steps")
-        axis.set_ylabel("evaluation return")
+        axis.set_ylabel("evaluation " + ("success rate" if metric == "success_rate" else "return"))
         axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=80)
@@ -159,15 +205,25 @@ def plot(path: Path) -> None:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["run", "report"])
-    parser.add_argument("--envs", nargs="+", default=list(ENVS))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--suite", choices=list(SUITES), default="dense")
+    parser.add_argument("--envs", nargs="+", default=None, help="default: the suite's")
+    parser.add_argument("--methods", nargs="+", default=None, help="default: the suite's")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=30_000)
     parser.add_argument("--eval-every", type=int, default=2500)
     parser.add_argument("--eval-episodes", type=int, default=10)
     parser.add_argument("--runs-dir", default="runs/bench_steering")
     args = parser.parse_args(argv)
+    args.envs = args.envs or list(SUITES[args.suite][0])
+    args.methods = args.methods or list(SUITES[args.suite][1])
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.command == "report" and args.suite == "manipulation":
+        envs, methods = tuple(args.envs), tuple(args.methods)
+        text = report_success(envs, methods)
+        (RESULTS.parent / "steering_manipulation.md").write_text(text + "\n")
+        plot(RESULTS.parent / "steering_manipulation_curves.png", envs, methods, metric="success_rate")
+        print(text)
+        return 0
     if args.command == "report":
         text = report()
         (RESULTS.parent / "steering.md").write_text(text + "\n")

@@ -24,9 +24,10 @@ class BaseRecipe:
 RECIPES: dict[str, BaseRecipe] = {
     "Pendulum-v1": BaseRecipe(n_episodes=100, degradation=Degradation(p_expert=0.4, p_decoy=0.35)),
     "Reacher-v5": BaseRecipe(n_episodes=400, degradation=Degradation(p_expert=0.3, p_decoy=0.35)),
-    # Few episodes, noisy, and a demonstrator that often pushes/carries toward the mirrored goal or idles.
-    "FetchPush-v4": BaseRecipe(n_episodes=100, degradation=Degradation(p_expert=0.5, p_decoy=0.25)),
-    "FetchPickAndPlace-v4": BaseRecipe(n_episodes=100, degradation=Degradation(p_expert=0.5, p_decoy=0.25)),
+    # 200 noisy episodes; chunks that push/carry toward the mirrored goal (decoy) or hold a random action.
+    "FetchPush-v4": BaseRecipe(n_episodes=200, degradation=Degradation(p_expert=0.9, p_decoy=0.05, noise_std=0.05),
+                               bc_steps=15000),
+    "FetchPickAndPlace-v4": BaseRecipe(n_episodes=200, degradation=Degradation(p_expert=0.8, p_decoy=0.1)),
 }
 
 
