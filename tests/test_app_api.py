@@ -255,7 +255,8 @@ def test_steering_base_against_steered(app, steering_run):
     assert [row[1] for row in table["data"]] == [3, 4]
     np.testing.assert_allclose(column(table, "base return"), base, atol=1e-3)
     np.testing.assert_allclose(column(table, "steered return"), steered, atol=1e-3)
-    assert "Steered" in summary and gif["value"] is None and gif["label"] == "First episode: base (left) | steered (right)"
+    assert "Steered" in summary and gif["value"] is None
+    assert gif["label"] == "First episode: base (left) | steered (right)"
     assert chart["type"] == "matplotlib"
     summary, table, gif, chart = client.predict("Pendulum-v1", "shipped", "(none: base policy only)", 1, 3, True,
                                          api_name="/steer")

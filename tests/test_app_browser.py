@@ -29,6 +29,10 @@ def app_url(tmp_path_factory):
     from ddpo.ui.settings import AppSettings
 
     model = "shapes" if shapes_available()[0] else "tiny-random"
+    earlier = root / "runs" / "earlier"  # a finished run's folder (no checkpoint): listed in the Runs table
+    earlier.mkdir(parents=True)
+    (earlier / "config.yaml").write_text("train:\n  num_epochs: 3\n")
+    (earlier / "metrics.jsonl").write_text("".join(f'{{"epoch": {e}, "reward_mean": {e / 10}}}\n' for e in (1, 2, 3)))
     demo, port, env = launch_app(AppSettings(runs_dir=root / "runs", default_model=model), root)
     yield f"http://127.0.0.1:{port}/", model, root / "runs"
     demo.close()
@@ -135,6 +139,10 @@ def test_train_watch_curves_log_and_compare_pairs_in_a_real_browser(app_url):
             assert log and log["visible"], log
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "app_train.png"), full_page=True)
+            # clicking a run in the Runs table watches it
+            page.locator("#train-runs").get_by_text("earlier", exact=True).click()
+            page.locator("#train-status").get_by_text("earlier: finished, 3/3 epochs").wait_for(timeout=10_000)
+            assert page.locator("#train-watch input").input_value() == "earlier"
 
             # Compare rewards: the LoRA picker, filled when the page loaded, now lists the new run
             page.get_by_role("tab", name="Compare rewards").click()

@@ -164,9 +164,9 @@ def test_no_endpoint_runs_code_or_sends_secrets(app, listener, probe, endpoint, 
 def test_the_app_still_scores_with_offered_options(app, tmp_path):
     """The allow-list refuses the payloads above, not ordinary use: bounded options of an offered captioner."""
     client, _, _ = app
+    options = '{"vlm_bertscore": {"captioner": "shapes", "captioner_kwargs": {"do_sample": true}}}'
     _, table, _, _, notes, _ = call(client, "/score_uploads", ["jpeg_compressibility"], "jpeg_compressibility: 2",
-                                    '{"vlm_bertscore": {"captioner": "shapes", "captioner_kwargs": {"do_sample": true}}}',
-                                    tmp_path)
+                                    options, tmp_path)
     assert table["headers"][3:] == ["jpeg_compressibility", "compose"]
     assert table["data"][0][4] == pytest.approx(2 * table["data"][0][3], abs=2e-4)
 
