@@ -60,7 +60,8 @@ class SampleConfig:
     num_batches_per_epoch: int = 2  # per process
     # Each prompt of a batch is drawn once and sampled this many times (with different noise). With
     # train.stat_buffer_size = train.stat_min_count = images_per_prompt, every sample's advantage is its reward
-    # against the other images of the same prompt and the same policy (group-relative, as in GRPO).
+    # against the other images of the same prompt and the same policy (group-relative, as in GRPO). An epoch's
+    # groups draw their prompts without replacement, and each group is normalised by itself (ddpo/advantages.py).
     images_per_prompt: int = 1
     negative_prompt: str = ""
 
