@@ -178,12 +178,13 @@ def build(settings: AppSettings, manager: TrainingManager) -> None:
         def changed(key):
             return last is None or key not in last or last.get(key) != now.get(key)
 
-        rows = {p.name: read_metrics(p) for p in watched}
-        figure = curves.curves_figure(rows, float(smooth or 0), empty="pick a run to watch, or start one") \
-            if changed("curves") else gr.skip()
+        figure = tbl = gr.skip()
+        if changed("curves"):  # metrics are read and drawn only when a watched file changed
+            rows = {p.name: read_metrics(p) for p in watched}
+            figure = curves.curves_figure(rows, float(smooth or 0), empty="pick a run to watch, or start one")
+            headers, data = metrics_table(rows.get(run_dir.name, []) if run_dir else [])
+            tbl = {"headers": headers, "data": data or [[None] * len(headers)]}
         image = _load(grid_path) if changed("grid") else gr.skip()
-        headers, data = metrics_table(rows.get(run_dir.name, []) if run_dir else [])
-        tbl = {"headers": headers, "data": data or [[None] * len(headers)]} if changed("curves") else gr.skip()
         run_tbl = {"headers": RUN_HEADERS, "data": now["runs"][1] or [[None] * 5]} if changed("runs") else gr.skip()
         pickers = (gr.Dropdown(choices=names), gr.Dropdown(choices=names)) if last.get("runs", [None])[0] != names \
             else (gr.skip(), gr.skip())
@@ -193,7 +194,9 @@ def build(settings: AppSettings, manager: TrainingManager) -> None:
 
     @readable_errors
     def tick(run, others, smooth, last):
-        return view(run, others, smooth, last)
+        names = {r.name for r in list_runs(settings.runs_dir)}
+        # a name typed into the box that is not a run (yet): no error popping up every 2 s, the status says it
+        return view(run if run in names else None, [o for o in others or [] if o in names], smooth, last)
 
     @readable_errors
     def redraw(run, others, smooth):
