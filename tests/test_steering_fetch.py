@@ -109,3 +109,23 @@ def test_shipped_fetch_bases_succeed_sometimes_not_always(env_id):
     policy = DiffusionPolicy.from_pretrained(folder)
     _, success = evaluate_episodes(env_id, base_actor(policy, "gaussian", seed=0), 20)
     assert 0.05 <= success <= 0.7, success
+
+
+def test_rlpd_batches_are_half_demonstrations_with_scaled_actions():
+    from ddpo.steering.baselines import make_raw_model
+
+    n = 40
+    demos = {"obs": np.zeros((n, 31), np.float32), "actions": np.full((n, 4), 0.5, np.float32),
+             "rewards": np.full(n, 7.0, np.float32), "next_obs": np.ones((n, 31), np.float32), "dones": np.zeros(n, np.float32)}
+    env, model = make_raw_model("rlpd", "FetchPush-v4", seed=0, hidden=16, layers=1, learning_starts=0, buffer_size=500, demos=demos)
+    obs, _ = env.reset(seed=0)
+    for _ in range(60):  # online transitions: the env's rewards are -1 or 0, never 7
+        action = env.action_space.sample()
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        model.replay_buffer.add(obs[None], next_obs[None], action[None], np.array([reward]), np.array([terminated]), [{}])
+        obs = next_obs
+    batch = model.replay_buffer.sample(256)
+    from_demos = (batch.rewards[:, 0] == 7.0).numpy()
+    assert from_demos.sum() == 128 and batch.observations.shape == (256, 31)
+    np.testing.assert_allclose(batch.actions[from_demos].numpy(), 0.5)  # Fetch's action box is [-1, 1]: unchanged
+    np.testing.assert_allclose(batch.next_observations[from_demos].numpy(), 1.0)
