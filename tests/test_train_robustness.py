@@ -158,8 +158,8 @@ def test_a_checkpoint_with_nonfinite_weights_is_never_written(tmp_path):
     accelerator = SimpleNamespace(wait_for_everyone=lambda: None, is_main_process=True, num_processes=1,
                                   unwrap_model=lambda m: m)
     config = load_config("tiny_cpu")
-    with pytest.raises(NonFiniteError, match=r"not saving epoch 3's checkpoint: 1 of 1 trained weight tensors"):
-        _save(tmp_path, 3, accelerator, None, optimizer, [weight], None, config)
+    with pytest.raises(NonFiniteError, match=r"not saving epoch 4's checkpoint: 1 of 1 trained weight tensors"):
+        _save(tmp_path, 3, accelerator, None, optimizer, [weight], None, config)  # index 3: the 4th epoch
     assert not (tmp_path / "checkpoints").exists()
 
 
