@@ -66,6 +66,18 @@ def run_curve(settings: AppSettings, env_id: str | None, run_name: str | None):
     return curves_figure(rows, steering=True, empty="pick a steering run to see its evaluation curve")
 
 
+def default_environment(settings: AppSettings, envs: list[str]) -> str | None:
+    """The environment of the newest steering run in the runs folder, else Pendulum-v1 (seconds per episode on a
+    CPU), else the first one."""
+    from ddpo.steering.api import list_runs
+
+    runs = sorted((r for r in list_runs(settings.runs_dir) if r["env_id"] in envs),
+                  key=lambda r: Path(r["path"]).stat().st_mtime, reverse=True)
+    if runs:
+        return runs[0]["env_id"]
+    return "Pendulum-v1" if "Pendulum-v1" in envs else (envs[0] if envs else None)
+
+
 def build(settings: AppSettings):
     """The tab; returns (environment picker, steering-run picker), or None when steering is not installed."""
     if not steering_available():
@@ -75,7 +87,7 @@ def build(settings: AppSettings):
         return None
     lim = settings.limits
     envs = environments()
-    env0 = envs[0] if envs else None
+    env0 = default_environment(settings, envs)
     with gr.Row():
         with gr.Column(scale=1):
             env = gr.Dropdown(envs, value=env0, label="Environment", elem_id="steer-env")

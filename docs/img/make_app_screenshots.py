@@ -99,6 +99,9 @@ def main() -> None:
 
             page.get_by_role("tab", name="Steering").click()
             if page.locator("#steer-go").count():
+                box = page.locator("#steer-env input")
+                box.click(), box.fill("Pendulum-v1"), page.keyboard.press("Enter")
+                time.sleep(1.0)
                 box = page.locator("#steer-run input")
                 box.click(), box.fill("pendulum-steer"), page.keyboard.press("Enter")
                 page.locator("#steer-go").click()
