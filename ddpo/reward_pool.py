@@ -216,14 +216,17 @@ class RewardPool:
     def close(self) -> None:
         """Stop the worker. Joined when idle: `shutdown(wait=False)` on an idle process pool let CPython's exit hook
         write to the pool's closed wake-up pipe ("OSError: Bad file descriptor" after a finished run). A worker still
-        busy (a timeout, Ctrl-C or an error mid-batch) is terminated: the exit hook would otherwise wait for it."""
+        busy (a timeout, Ctrl-C or an error mid-batch) is terminated first, then joined too: once its workers are
+        dead the pool's manager thread ends at once, and joining it closes the wake-up pipe before the exit hook runs
+        (Python 3.11's hook races a pipe closed under it)."""
         if self._pool is None:
             return
         busy = any(not f.done() for f in self._prompts)
         self._prompts.clear()
         if busy and self.executor == "process":
             _terminate_workers(self._pool)
-        self._pool.shutdown(wait=not busy, cancel_futures=True)
+        # The daemon thread executor is never joined while busy: its thread may be stuck in the reward for good.
+        self._pool.shutdown(wait=not (busy and self.executor == "thread"), cancel_futures=True)
 
 
 def _terminate_workers(pool: cf.ProcessPoolExecutor, grace_s: float = 5.0) -> None:
