@@ -186,5 +186,6 @@ def test_cli_list_shows_the_shipped_base_policies(capsys, tmp_path):
 
     assert main(["steer", "list", "--runs-dir", str(tmp_path)]) == 0
     listing = json.loads(capsys.readouterr().out)
-    assert {p["env_id"] for p in listing["base_policies"]} == {"Pendulum-v1", "Reacher-v5"}
+    shipped = {p["env_id"] for p in listing["base_policies"]}
+    assert shipped == {"Pendulum-v1", "Reacher-v5", "FetchPush-v4", "FetchPickAndPlace-v4"}
     assert listing["runs"] == []
