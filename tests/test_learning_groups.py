@@ -44,7 +44,8 @@ def test_evaluation_takes_each_distinct_prompt_once():
     config = load_config("shapes_alignment")  # eval_num_prompts 42 = the held-out split's size
     texts = [p.text for p in evaluation_prompts(grammar, config)]
     assert len(texts) == 42 and set(texts) == {p.text for p in grammar.enumerate("heldout")}
-    eight = [p.text for p in evaluation_prompts(grammar, load_config("shapes_alignment", ["prompts.eval_num_prompts=8"]))]
+    eight = [p.text for p in evaluation_prompts(grammar, load_config("shapes_alignment",
+                                                                     ["prompts.eval_num_prompts=8"]))]
     assert len(set(eight)) == 8 and eight == texts[:8]
 
 
