@@ -61,7 +61,7 @@ def collect_rollout(pipe, unet, grammar, reward_pool: RewardPool, config, epoch:
     batches, futures, texts, metadata, indices = [], [], [], [], []
     group_prompts = epoch_group_prompts(grammar, config, epoch, num_processes) if s.images_per_prompt > 1 else None
     start = time.perf_counter()
-    for b in tqdm(range(s.num_batches_per_epoch), desc=f"epoch {epoch} sampling", leave=False, disable=not progress):
+    for b in tqdm(range(s.num_batches_per_epoch), desc=f"epoch {epoch + 1} sampling", leave=False, disable=not progress):
         global_batch = b * num_processes + process_index
         drawn = draw_prompts(grammar, config, epoch, global_batch, num_processes, group_prompts)
         prompts = [p for p in drawn for _ in range(s.images_per_prompt)]  # each prompt's images side by side
@@ -125,7 +125,7 @@ def check_finite_latents(trajectories: Trajectories, epoch: int | None) -> None:
     """Refuse NaN/inf latents before their images reach the reward (which would otherwise be blamed for them)."""
     bad = int((~torch.isfinite(trajectories.latents.flatten(1)).all(dim=1)).sum())
     if bad:
-        when = f"in epoch {epoch}" if epoch is not None else "in the evaluation"
+        when = f"in epoch {epoch + 1}" if epoch is not None else "in the evaluation"
         raise NonFiniteError(f"{bad} of {len(trajectories.latents)} trajectories sampled {when} hold NaN/inf latents: "
                              "the policy's weights are broken (most often train.learning_rate is too high; the default "
                              "is 3e-4). Resume from an earlier checkpoint with a lower train.learning_rate.")

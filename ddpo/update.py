@@ -122,7 +122,7 @@ def policy_update(unet, scheduler, optimizer, accelerator, params: list, rollout
             derive_seed(config.seed, epoch, inner, int(g), "steps"))) for g in rollout.global_index])
         step_orders = step_orders[trainable[step_orders]].reshape(num_samples, -1)  # same order, trainable steps
         micro_batches = order.split(t.batch_size)
-        for k, idx in enumerate(tqdm(micro_batches, desc=f"epoch {epoch} training", leave=False, disable=not progress)):
+        for k, idx in enumerate(tqdm(micro_batches, desc=f"epoch {epoch + 1} training", leave=False, disable=not progress)):
             last_of_step = (k + 1) % t.gradient_accumulation_steps == 0
             for j in range(steps_per_sample):
                 sync = last_of_step and j == steps_per_sample - 1
@@ -158,7 +158,7 @@ def policy_update(unet, scheduler, optimizer, accelerator, params: list, rollout
                 step_stats = {key: [] for key in kept}
     if nonfinite:
         logger.warning("epoch %d: skipped %d of %d optimizer steps whose loss or gradient was NaN/inf "
-                       "(train.on_nonfinite=skip)", epoch, nonfinite, optimizer_steps)
+                       "(train.on_nonfinite=skip)", epoch + 1, nonfinite, optimizer_steps)
     ddpo = t.algorithm in _DDPO_LOSSES  # RWR has no importance ratio: None ("not applicable"), not NaN
     return {"loss": _mean(accelerator, kept["loss"]), "approx_kl": _mean(accelerator, kept["kl"]) if ddpo else None,
             "clipfrac": _mean(accelerator, kept["clipfrac"]) if ddpo else None,
@@ -221,7 +221,7 @@ def _diagnosis(problem: str, epoch: int, step: int, params: list, rollout: Rollo
     else:
         cause = (f"most likely train.learning_rate={t.learning_rate:g} is too high (the default is 3e-4; try 10x "
                  "lower), else a reward of extreme scale or a scheduler step with std near 0")
-    return (f"epoch {epoch}, optimizer step {step}: the {problem} is NaN or infinite, so the step was not applied "
+    return (f"epoch {epoch + 1}, optimizer step {step}: the {problem} is NaN or infinite, so the step was not applied "
             f"and no checkpoint of this epoch is written (earlier checkpoints are intact). Likely cause: {cause}. "
             "Or set train.on_nonfinite=skip to drop such steps (counted as nonfinite_steps in metrics.jsonl).")
 

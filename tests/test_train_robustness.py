@@ -64,7 +64,7 @@ def _ddpo_train(*args) -> subprocess.Popen:
                                            (signal.SIGINT, "inline"), (signal.SIGTERM, "thread")])
 def test_a_signal_ends_a_run_whose_reward_hangs(tmp_path, sig, executor):
     """Like Ctrl-C in a terminal (SIGINT to the process group) or the app's Stop (SIGTERM to it): the run exits
-    within seconds with 128 + signum and one line, the worker is gone, and epoch 0's checkpoint verifies."""
+    within seconds with 128 + signum and one line, the worker is gone, and epoch 1's checkpoint verifies."""
     marker = tmp_path / "hung"
     proc = _ddpo_train("tiny_cpu", f"logging.output_dir={tmp_path}", "logging.run_name=run", HANG,
                        f"reward.kwargs={{calls: 2, marker: '{marker}'}}", f"reward.executor={executor}",
@@ -120,7 +120,7 @@ def test_learning_rate_1e6_stops_with_a_message_and_no_nan_checkpoint(tmp_path, 
     code = train_main(["tiny_cpu", f"logging.output_dir={tmp_path}", "logging.run_name=run", "train.learning_rate=1e6"])
     err = capsys.readouterr().err
     assert code == 1
-    assert err.startswith("ddpo train: NonFiniteError: epoch 0, optimizer step 2: the gradient is NaN or infinite")
+    assert err.startswith("ddpo train: NonFiniteError: epoch 1, optimizer step 2: the gradient is NaN or infinite")
     assert "train.learning_rate=1e+06 is too high" in err and "train.on_nonfinite=skip" in err
     assert "Traceback" not in err
     checkpoints = list_checkpoints(tmp_path / "run")
