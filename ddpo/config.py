@@ -87,6 +87,9 @@ class TrainConfig:
     # log-probs: loss += kl_coef * ||mu_theta - mu_ref||^2 / (2 sigma_t^2). 0 turns it off (the paper's DDPO).
     kl_coef: float = 0.0
     timestep_fraction: float = 1.0
+    # DDPO: trained steps of a micro-batch per UNet call (one backward of their summed loss, the same gradient);
+    # larger means fewer, larger calls and that many times the activation memory. 1 = one call per step.
+    timesteps_per_call: int = 1
     cfg: bool = True  # recompute log-probs with classifier-free guidance, as they were sampled
     rwr_temperature: float = 0.2  # beta in exp(r / beta), on normalised rewards
     rwr_sparse_quantile: float = 0.9  # rwr_sparse keeps samples with reward >= this quantile
@@ -381,6 +384,8 @@ def validate(c: Config) -> None:
                  f"stale samples). Set train.gradient_accumulation_steps={micro_batches} (one step per epoch), or use "
                  "train.algorithm=ddpo_is (importance sampling, made for several steps)")
     _require(0 < t.timestep_fraction <= 1, f"train.timestep_fraction={t.timestep_fraction} must be in (0, 1]")
+    _require(t.timesteps_per_call >= 1,
+             f"train.timesteps_per_call={t.timesteps_per_call} must be >= 1 (1 = one UNet call per step)")
     _require(t.clip_range > 0, f"train.clip_range={t.clip_range} must be > 0")
     _require(t.adv_clip_max > 0, f"train.adv_clip_max={t.adv_clip_max} must be > 0")
     _require(t.kl_coef >= 0, f"train.kl_coef={t.kl_coef} must be >= 0 (0 turns the KL penalty off)")

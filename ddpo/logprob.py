@@ -34,6 +34,11 @@ import torch
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32, or float64 if it is (half precision is too coarse for log-densities; float64 checks exactness)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _gather(values: torch.Tensor, index: torch.Tensor, fallback: torch.Tensor, ndim: int) -> torch.Tensor:
     """values[index] where index >= 0, else fallback; shaped (B, 1, ..., 1) to broadcast over a latent of `ndim` dims."""
     gathered = torch.where(index >= 0, values[index.clamp(min=0)], fallback)
@@ -68,11 +73,11 @@ def step_std(scheduler, timesteps: torch.Tensor, eta: float) -> torch.Tensor:
 
 def ddim_step_mean_std(scheduler, model_output: torch.Tensor, timestep: int | torch.Tensor,
                        sample: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The DDIM posterior N(mu, std^2): mean (B, C, h, w) and std (B, 1, 1, 1), computed in float32.
+    """The DDIM posterior N(mu, std^2): mean (B, C, h, w) and std (B, 1, 1, 1), computed in float32 (or float64).
 
     std is 0 at a deterministic step (see the module docstring)."""
     cfg = scheduler.config
-    sample, model_output = sample.float(), model_output.float()
+    sample, model_output = at_least_float32(sample), at_least_float32(model_output)
     alpha_prod_t, alpha_prod_t_prev = _alpha_prods(scheduler, timestep, sample.shape[0], sample.ndim, sample.device)
     beta_prod_t = 1 - alpha_prod_t
 
@@ -147,6 +152,7 @@ def step_log_prob(prev_sample: torch.Tensor, mean: torch.Tensor, std: torch.Tens
     # Evaluate the Gaussian with std 1 where std is 0 and mask it after: torch.where alone would still carry the
     # NaN of 0/0 into the gradient.
     safe_std = torch.where(stochastic, std, torch.ones_like(std))
-    log_prob = (-((prev_sample.detach().float() - mean) ** 2) / (2 * safe_std**2) - torch.log(safe_std) - _LOG_SQRT_2PI)
+    action = at_least_float32(prev_sample.detach())
+    log_prob = -((action - mean) ** 2) / (2 * safe_std**2) - torch.log(safe_std) - _LOG_SQRT_2PI
     log_prob = torch.where(stochastic, log_prob, torch.zeros_like(log_prob))
     return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))

@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 import torch
 
+from ddpo.logprob import at_least_float32
+
 
 class NonFiniteError(RuntimeError):
     """Training diverged: a loss, gradient, sampled latent or weight is NaN/inf. The message names the likely cause."""
@@ -59,10 +61,11 @@ def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -
     Returns (B,): ||mean - ref_mean||^2 / (2 std^2) / (C h w). The penalty `train.kl_coef` multiplies it.
     A step with std 0 is deterministic, not a policy decision (ddpo/logprob.py): its KL term is 0, not 0/0.
     """
-    std = std.float()
+    std = at_least_float32(std)
     stochastic = std > 0
     safe_std = torch.where(stochastic, std, torch.ones_like(std))  # no NaN in the gradient of the masked branch
-    per_dim = torch.where(stochastic, (mean.float() - ref_mean.float()) ** 2 / (2 * safe_std**2), 0.0)
+    per_dim = torch.where(stochastic, (at_least_float32(mean) - at_least_float32(ref_mean)) ** 2 / (2 * safe_std**2),
+                          0.0)
     return per_dim.mean(dim=tuple(range(1, per_dim.ndim)))
 
 

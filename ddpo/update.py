@@ -1,9 +1,12 @@
-"""The policy update of one epoch: inner epochs over this process's samples, one backward per timestep.
+"""The policy update of one epoch: inner epochs over this process's samples, one backward per chunk of timesteps.
 
 DDPO (ddpo_is, ddpo_sf) recomputes log p_theta(x_{t-1} | x_t, c) at the sampled steps of each trajectory;
 RWR (rwr, rwr_sparse) regresses the noise of the final samples x_0 at random diffusion times, weighted by
 reward. Gradients accumulate over `timestep_fraction * T` timesteps and `gradient_accumulation_steps`
 micro-batches before each optimizer step; DDP synchronises them only on the last backward of a step.
+DDPO sends `train.timesteps_per_call` steps of each sample of a micro-batch through the UNet in one call (per-row
+timesteps) with one backward of their summed loss: the same gradient as one backward per step, fewer and larger
+UNet calls, and K times the activation memory. 1 is one call per step.
 
 Every optimizer step first checks that its losses and gradient norm are finite (all processes agree): a
 non-finite step raises `NonFiniteError` naming the likely cause (train.on_nonfinite=error), or is dropped with the
@@ -31,27 +34,40 @@ logger = logging.getLogger("ddpo")
 _DDPO_LOSSES = {"ddpo_is": ddpo_is_loss, "ddpo_sf": ddpo_sf_loss}
 
 
-def _ddpo_step_loss(unet, scheduler, rollout: Rollout, idx, t_idx, weights, config):
-    """Loss of micro-batch `idx` (b,) at per-sample step indices `t_idx` (b,), with approx_kl, clipfrac and the
-    KL to the pretrained model (None unless train.kl_coef > 0)."""
+def _ddpo_chunk_loss(unet, scheduler, rollout: Rollout, idx, t_idx, weights, config):
+    """Losses of micro-batch `idx` (b,) at K steps per sample, `t_idx` (b, K) step indices, in ONE UNet call.
+
+    The b*K rows (times 2 with CFG) are position-major: row k*b + i is sample idx[i] at its k-th step, each
+    with its own timestep. Returns the summed loss (the gradient of K per-step backwards, as the loss is a sum
+    over steps) and, per step k, (loss, approx_kl, clipfrac, KL to the pretrained model or None), each computed
+    on that step's b rows exactly as a one-step call would. K=1 is the one-call-per-timestep update."""
     s, t = config.sample, config.train
     traj = rollout.trajectories
-    latents, next_latents = traj.latents[idx, t_idx], traj.latents[idx, t_idx + 1]
-    timesteps = traj.timesteps[idx, t_idx]
+    b, k_steps = t_idx.shape
+    rows, steps = idx.repeat(k_steps), t_idx.T.reshape(-1)  # (b*K,) each
+    latents, next_latents = traj.latents[rows, steps], traj.latents[rows, steps + 1]
+    timesteps = traj.timesteps[rows, steps]
     guidance = s.guidance_scale if t.cfg else 1.0
-    noise_pred = predict_noise(unet, latents, timesteps, traj.prompt_embeds[idx], traj.negative_embeds[idx], guidance)
+    embeds, negative = traj.prompt_embeds[rows], traj.negative_embeds[rows]
+    noise_pred = predict_noise(unet, latents, timesteps, embeds, negative, guidance)
     mean, std = ddim_step_mean_std(scheduler, noise_pred, timesteps, latents, s.eta)  # eta > 0: config-checked
-    log_prob = step_log_prob(next_latents, mean, std)
-    loss, stats = _DDPO_LOSSES[t.algorithm](log_prob, traj.log_probs[idx, t_idx], weights[idx],
-                                            t.clip_range, t.adv_clip_max)
-    kl_ref = None
+    log_prob, old_log_prob = step_log_prob(next_latents, mean, std), traj.log_probs[rows, steps]
+    ref_mean = None
     if t.kl_coef > 0:
-        ref_pred = _reference_noise(unet, latents, timesteps, traj.prompt_embeds[idx], traj.negative_embeds[idx],
-                                    guidance)
+        ref_pred = _reference_noise(unet, latents, timesteps, embeds, negative, guidance)
         ref_mean, _ = ddim_step_mean_std(scheduler, ref_pred, timesteps, latents, s.eta)
-        kl_ref = gaussian_kl(mean, ref_mean, std).mean()
-        loss = loss + t.kl_coef * kl_ref
-    return loss, stats.approx_kl, stats.clipfrac, kl_ref
+    per_step, total = [], None
+    for k in range(k_steps):
+        part = slice(k * b, (k + 1) * b)
+        loss, stats = _DDPO_LOSSES[t.algorithm](log_prob[part], old_log_prob[part], weights[idx],
+                                                t.clip_range, t.adv_clip_max)
+        kl_ref = None
+        if ref_mean is not None:
+            kl_ref = gaussian_kl(mean[part], ref_mean[part], std[part]).mean()
+            loss = loss + t.kl_coef * kl_ref
+        per_step.append((loss, stats.approx_kl, stats.clipfrac, kl_ref))
+        total = loss if total is None else total + loss
+    return total, per_step
 
 
 @torch.no_grad()
@@ -111,6 +127,7 @@ def policy_update(unet, scheduler, optimizer, accelerator, params: list, rollout
     trainable = _trainable_steps(scheduler, config)
     steps_per_sample = max(1, int(int(trainable.sum()) * t.timestep_fraction))
     accumulation = t.gradient_accumulation_steps * steps_per_sample
+    chunk = t.timesteps_per_call if t.algorithm in _DDPO_LOSSES else 1  # RWR: one call per step
     kept: dict[str, list[torch.Tensor]] = {"loss": [], "kl": [], "clipfrac": [], "kl_ref": []}
     step_stats: dict[str, list[torch.Tensor]] = {key: [] for key in kept}  # of the optimizer step being accumulated
     nonfinite, optimizer_steps, fp16_skipped, grad_norms = 0, 0, 0, []
@@ -124,20 +141,23 @@ def policy_update(unet, scheduler, optimizer, accelerator, params: list, rollout
         micro_batches = order.split(t.batch_size)
         for k, idx in enumerate(tqdm(micro_batches, desc=f"epoch {epoch + 1} training", leave=False, disable=not progress)):
             last_of_step = (k + 1) % t.gradient_accumulation_steps == 0
-            for j in range(steps_per_sample):
-                sync = last_of_step and j == steps_per_sample - 1
+            for j in range(0, steps_per_sample, chunk):
+                end = min(j + chunk, steps_per_sample)
+                sync = last_of_step and end == steps_per_sample
                 with (contextlib.nullcontext() if sync else accelerator.no_sync(unet)), accelerator.autocast():
                     if t.algorithm in _DDPO_LOSSES:
-                        loss, kl, clipfrac, kl_ref = _ddpo_step_loss(unet, scheduler, rollout, idx,
-                                                                     step_orders[idx, j], weights, config)
+                        loss, per_step = _ddpo_chunk_loss(unet, scheduler, rollout, idx, step_orders[idx, j:end],
+                                                          weights, config)
                     else:
                         seeds = [derive_seed(config.seed, epoch, inner, int(g), j, "rwr")
                                  for g in rollout.global_index[idx]]
-                        loss, kl, clipfrac, kl_ref = _rwr_step_loss(unet, scheduler, rollout, idx, seeds, weights)
+                        loss, *stats = _rwr_step_loss(unet, scheduler, rollout, idx, seeds, weights)
+                        per_step = [(loss, *stats)]
                     accelerator.backward(loss / accumulation)
-                for key, value in (("loss", loss), ("kl", kl), ("clipfrac", clipfrac), ("kl_ref", kl_ref)):
-                    if value is not None:
-                        step_stats[key].append(value.detach())
+                for values in per_step:  # per timestep, as with one call per step: same means, same checks
+                    for key, value in zip(("loss", "kl", "clipfrac", "kl_ref"), values):
+                        if value is not None:
+                            step_stats[key].append(value.detach())
             if last_of_step:
                 optimizer_steps += 1
                 grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm)
