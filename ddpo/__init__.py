@@ -5,6 +5,8 @@ so `import ddpo` and `ddpo --help` stay fast.
 """
 
 import logging
+import os
+import sys
 
 __version__ = "0.1.0"
 
@@ -34,3 +36,9 @@ for _name, _fragments in _NOT_ACTIONABLE.items():
     _logger = logging.getLogger(_name)
     if not any(isinstance(f, _DropMessages) for f in _logger.filters):
         _logger.addFilter(_DropMessages(_fragments))
+
+# Model-loading progress bars ("Loading weights", "Loading pipeline components") are noise in a redirected log; a
+# terminal still shows them. The variable reaches transformers/huggingface_hub here and in spawned reward workers;
+# diffusers has no such variable, so `ddpo.pipeline` turns its bars off the same way.
+if not sys.stderr.isatty():
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

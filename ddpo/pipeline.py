@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,10 @@ def load_pipeline(name: str, revision: str | None = None):
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    if not sys.stderr.isatty():  # see ddpo/__init__.py: no loading bars in a redirected log
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
     if name == "tiny-random":
         from ddpo.tiny import build_tiny_pipeline
 

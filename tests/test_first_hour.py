@@ -107,6 +107,13 @@ def test_a_redirected_run_and_generate_print_no_library_noise(tmp_path):
     assert paths == [str(tmp_path / "images" / f"p00_seed000{i}.png") for i in (7, 8)]
 
 
+def test_a_redirected_generate_shows_no_model_loading_bars(tmp_path):
+    # The shipped model loads through from_pretrained (diffusers' and transformers' loading bars); a pipe gets none.
+    generate = _cli("generate", "--model", "shapes", "--prompt", "a red circle", "-n", "1", "--out", str(tmp_path))
+    assert generate.returncode == 0, generate.stderr
+    assert "Loading" not in generate.stderr and "it/s" not in generate.stderr, generate.stderr
+
+
 def test_generate_help_states_the_shapes_sampler_it_uses():
     from ddpo.generate import _shapes_sampler
 
