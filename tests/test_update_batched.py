@@ -58,7 +58,8 @@ def _update(setup, *overrides):
     from ddpo.update import policy_update
 
     pipe, params, rollout, weights = setup
-    config = load_config("tiny_cpu", ["train.max_grad_norm=1e12", *overrides])  # clipping by 1.0 changes nothing
+    # No gradient clipping (a factor of 1.0 changes nothing); a clip range that clips some samples, not all.
+    config = load_config("tiny_cpu", ["train.max_grad_norm=1e12", "train.clip_range=3e-3", *overrides])
     optimizer = _RecordingOptimizer(params)
     pipe.unet.train()
     stats = policy_update(pipe.unet, pipe.scheduler, optimizer, Accelerator(cpu=True), params, rollout, weights,
@@ -66,7 +67,8 @@ def _update(setup, *overrides):
     return optimizer.steps, stats
 
 
-def _assert_same(a, b, atol=1e-6):
+def _assert_same(a, b, atol=1e-10):
+    """Gradients equal to `atol` times their largest entry (float64 reaches about 5e-15), statistics alike."""
     (grads_a, stats_a), (grads_b, stats_b) = a, b
     assert len(grads_a) == len(grads_b) > 0
     for step_a, step_b in zip(grads_a, grads_b):
@@ -88,7 +90,7 @@ def _assert_same(a, b, atol=1e-6):
                          ids=["ddpo_is", "ddpo_sf", "kl", "fraction"])
 def test_timesteps_per_call_gives_the_gradient_and_statistics_of_one_call_per_step(setup, extra):
     one = _update(setup, *extra, "train.timesteps_per_call=1")
-    assert one[1]["clipfrac"] > 0 and one[1]["approx_kl"] > 0  # the ratios are not all 1: the test can fail
+    assert 0 < one[1]["clipfrac"] < 1 and one[1]["approx_kl"] > 0  # some ratios clipped, not all: it can fail
     for k in (2, 3, STEPS):
         _assert_same(one, _update(setup, *extra, f"train.timesteps_per_call={k}"))
 
