@@ -6,6 +6,7 @@ memory. Target: epoch time within 1.15x of the floor.
 
     python benchmarks/throughput.py                 # 1 and 2 torch threads, each in a fresh process
     python benchmarks/throughput.py --threads 1     # one setting, in this process
+    python benchmarks/throughput.py --timesteps-per-call 10   # all 10 trained steps of a micro-batch per UNet call
 
 The rewards run in a worker process (`reward.executor=process`, the default); the last row runs them on a
 thread of the training process instead, to show the slowdown that a torch op on a second thread causes.
@@ -72,7 +73,7 @@ def best_of(loop, repeats: int = 4) -> float:
     return min(times)
 
 
-def run(threads: int, executor: str) -> dict:
+def run(threads: int, executor: str, timesteps_per_call: int = 1) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -83,7 +84,8 @@ def run(threads: int, executor: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(os.path.join(tmp, "model"))
         config = load_config("tiny_cpu", [f"model.pretrained={model}", f"logging.output_dir={tmp}",
-                                          "logging.run_name=bench", f"reward.executor={executor}", *OVERRIDES])
+                                          "logging.run_name=bench", f"reward.executor={executor}", *OVERRIDES,
+                                          f"train.timesteps_per_call={timesteps_per_call}"])
         # The floor first: once a torch op has run on a second thread (executor=thread), later ops are slower.
         sample_floor, train_floor = unet_floor(model, config)
         run_dir = train(config)
@@ -100,15 +102,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, help="torch threads (default: 1 and 2, each in a fresh process)")
     parser.add_argument("--executor", default="process", choices=["process", "thread", "inline"])
+    parser.add_argument("--timesteps-per-call", type=int, default=1, help="train.timesteps_per_call (default 1)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
-        print(json.dumps(run(args.threads, args.executor)))
+        print(json.dumps(run(args.threads, args.executor, args.timesteps_per_call)))
         return
     results = []
     for threads, executor in ((1, "process"), (2, "process"), (2, "thread")):
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        out = subprocess.run([sys.executable, __file__, "--threads", str(threads), "--executor", executor], env=env,
+        out = subprocess.run([sys.executable, __file__, "--threads", str(threads), "--executor", executor,
+                              "--timesteps-per-call", str(args.timesteps_per_call)], env=env,
                              capture_output=True, text=True, check=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
     print("| threads | rewards on | sample s (floor) | reward wait s | train s (floor) | epoch s | epoch / floor "
