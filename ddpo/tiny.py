@@ -4,6 +4,9 @@ The pipeline has the exact structure of Stable Diffusion (UNet2DConditionModel, 
 CLIPTextModel, CLIPTokenizer, DDIMScheduler) at a few thousand parameters, so every code path
 that runs on SD 1.5 runs here on a CPU in milliseconds. `save_tiny_pipeline` writes a standard
 diffusers folder, so tests also exercise the real `from_pretrained` loading code.
+
+The other families (SD3, FLUX, SDXL) are built in `ddpo/tiny_families.py` and re-exported here;
+`save_tiny_pipeline(folder, family=...)` saves any of them.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import json
 import string
 from pathlib import Path
+
+from ddpo.tiny_families import build_tiny_flux_pipeline, build_tiny_sd3_pipeline, build_tiny_sdxl_pipeline
 
 
 _CHARS = list(string.ascii_lowercase + string.digits + ".,'-!?")
@@ -68,8 +73,25 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 8, prediction_type: st
     )
 
 
-def save_tiny_pipeline(folder: str | Path, seed: int = 0, **kwargs) -> Path:
-    """Build a tiny pipeline and save it as a standard diffusers folder (model_index.json + safetensors)."""
+def save_tiny_pipeline(folder: str | Path, seed: int = 0, family: str = "sd", **kwargs) -> Path:
+    """Build a tiny pipeline of `family` and save it as a standard diffusers folder (model_index.json + safetensors).
+
+    family -> builder (kwargs go to it) -> what `DiffusionPipeline.from_pretrained(folder, ...)` then needs:
+
+    - "sd":   `build_tiny_pipeline` (sample_size, prediction_type, channels, cross_attention_dim) -> nothing.
+              Without `family` this writes exactly the weights it always wrote for the same arguments.
+    - "sd3":  `build_tiny_sd3_pipeline` (sample_size, with_t5=False) -> with_t5=False (the default):
+              `text_encoder_3=None, tokenizer_3=None` (else ValueError); with_t5=True: nothing.
+    - "flux": `build_tiny_flux_pipeline` (sample_size, guidance_embeds=True) -> nothing. FluxPipeline's default
+              image size is 256 whatever the model: pass height/width (2 x sample_size) when sampling.
+    - "sdxl": `build_tiny_sdxl_pipeline` (sample_size) -> nothing.
+    """
+    if family not in TINY_BUILDERS:
+        raise ValueError(f"unknown tiny family {family!r}; one of {sorted(TINY_BUILDERS)}")
     folder = Path(folder)
-    build_tiny_pipeline(seed=seed, **kwargs).save_pretrained(folder, safe_serialization=True)
+    TINY_BUILDERS[family](seed=seed, **kwargs).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+TINY_BUILDERS = {"sd": build_tiny_pipeline, "sd3": build_tiny_sd3_pipeline, "flux": build_tiny_flux_pipeline,
+                 "sdxl": build_tiny_sdxl_pipeline}
