@@ -63,3 +63,14 @@ def batch_advantages(rewards: np.ndarray) -> np.ndarray:
     """Whole-batch normalisation: (r - mean) / std. (B,) -> (B,) float32."""
     rewards = np.asarray(rewards, dtype=np.float64)
     return ((rewards - rewards.mean()) / (rewards.std() + _EPS)).astype(np.float32)
+
+
+def group_relative_advantages(rewards: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """GRPO: each reward against its own group only, (r - mean_g) / (std_g + eps), no running statistics
+    (Flow-GRPO). rewards: (B,); groups: (B,) int group ids -> (B,) float32."""
+    rewards, groups = np.asarray(rewards, dtype=np.float64), np.asarray(groups)
+    advantages = np.empty(len(rewards), dtype=np.float64)
+    for group in np.unique(groups):
+        members = groups == group
+        advantages[members] = (rewards[members] - rewards[members].mean()) / (rewards[members].std() + _EPS)
+    return advantages.astype(np.float32)

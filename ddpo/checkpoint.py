@@ -2,7 +2,7 @@
 
 A checkpoint folder holds
 - `pytorch_lora_weights.safetensors` (LoRA; loadable by diffusers' `pipe.load_lora_weights(folder)`) or `unet/`
-  (full finetuning; a diffusers UNet folder),
+  or `transformer/` (full finetuning; the family's diffusers model folder),
 - `optimizer.pt` (the optimizer's state, loaded with `weights_only=True`),
 - `trainer_state.json` (`epochs_done`, per-prompt stat-tracker buffers, RNG states),
 - `config.yaml` (the resolved config), and
@@ -32,6 +32,7 @@ from ddpo.manifest import sha256_file
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 REQUIRED_FILES = ("config.yaml", "optimizer.pt", "trainer_state.json")  # besides the weights
+DENOISER_DIRS = ("unet", "transformer")  # a fully finetuned model's folder, by family (ddpo/families)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # Settings that decide the shape of the saved weights: a checkpoint only fits a run that agrees on them.
 _WEIGHT_KEYS = [("model", "pretrained"), ("model", "use_lora"), ("model", "lora_rank"), ("model", "lora_alpha"),
@@ -84,7 +85,7 @@ def write_checkpoint(run_dir: Path, epochs_done: int, *, weights_writer, optimiz
                      config: Config, keep_last: int) -> Path:
     """Write the checkpoint after `epochs_done` epochs atomically; keep the newest `keep_last`. Main process only.
 
-    `weights_writer(folder)` saves the model weights (LoRA file or unet/ folder) into `folder`.
+    `weights_writer(folder)` saves the model weights (LoRA file, or unet/ or transformer/ folder) into `folder`.
     """
     final = checkpoint_dir(run_dir, epochs_done)
     tmp = final.with_name(f".tmp-{final.name}")
@@ -138,10 +139,11 @@ def _check_manifest(folder: Path, manifest: object) -> None:
             and ".." not in Path(k).parts for k, v in manifest.items()):
         raise CheckpointError(f"{folder / 'manifest.json'} is not a mapping of file names to sha256 digests: the "
                               f"checkpoint cannot be verified. {_what_to_do(folder)}")
-    unet_files = [name for name in manifest if name.startswith("unet/")]
-    weights = [LORA_FILE] if LORA_FILE in manifest or not unet_files else ["unet/config.json"]
-    if unet_files and not any(name.endswith(".safetensors") for name in unet_files):
-        weights.append("unet/*.safetensors")
+    model_dir = next((d for d in DENOISER_DIRS if any(name.startswith(f"{d}/") for name in manifest)), None)
+    model_files = [name for name in manifest if model_dir and name.startswith(f"{model_dir}/")]
+    weights = [LORA_FILE] if LORA_FILE in manifest or not model_files else [f"{model_dir}/config.json"]
+    if model_files and not any(name.endswith(".safetensors") for name in model_files):
+        weights.append(f"{model_dir}/*.safetensors")
     missing = [name for name in (*weights, *REQUIRED_FILES) if name not in manifest]
     if missing:
         raise CheckpointError(f"checkpoint {folder}: manifest.json does not list {', '.join(missing)}, which a "

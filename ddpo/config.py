@@ -20,7 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
-ALGORITHMS = ("ddpo_is", "ddpo_sf", "rwr", "rwr_sparse")
+ALGORITHMS = ("ddpo_is", "ddpo_sf", "grpo", "rwr", "rwr_sparse", "nft")
+DDPO_ALGORITHMS = ("ddpo_is", "ddpo_sf", "grpo")  # trained on per-step log-probabilities
 DEFAULT_PRESET = "shapes_alignment"
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 # A run folder's name, as the app checks it: no path separator, no "..", no absolute path, so a run always lands
@@ -39,8 +40,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    pretrained: str = "shapes"  # a local diffusers folder, a hub id, "shapes" (shipped) or "tiny-random"
+    # A local diffusers folder, a hub id, "shapes" (shipped) or a tiny random model built in code ("tiny-random",
+    # "tiny-random-sdxl", "tiny-random-sd3", "tiny-random-flux"). Its family (sd, sdxl, sd3, flux) is read from
+    # its model_index.json (docs/models.md).
+    pretrained: str = "shapes"
     revision: str | None = None
+    resolution: int = 0  # image side in pixels; 0 = the model's own (512 for SD 1.5, 1024 for SDXL/SD3.5/FLUX)
     use_lora: bool = True
     lora_rank: int = 4
     lora_alpha: int = 4
@@ -54,7 +59,16 @@ class ModelConfig:
 @dataclass
 class SampleConfig:
     num_steps: int = 50  # T: denoising steps = MDP steps
-    eta: float = 1.0  # DDIM stochasticity; the policy needs eta > 0
+    # The policy's stochasticity: DDIM's eta (UNet families), the SDE noise level a (flow families; Flow-GRPO uses
+    # 0.7). DDPO and GRPO need eta > 0; 0 is the deterministic sampler (DDIM, or the flow ODE).
+    eta: float = 1.0
+    flow_step: Literal["sde", "cps"] = "sde"  # flow families: Flow-GRPO's SDE, or coefficients-preserving sampling
+    # SDE only inside a window of this many consecutive steps, deterministic elsewhere, and only the window trained
+    # (Flow-GRPO-Fast, MixGRPO). 0: every step is stochastic and trained.
+    sde_window: int = 0
+    sde_window_starts: list[int] = field(default_factory=list)  # allowed window starts; empty = every position
+    sde_window_schedule: Literal["random", "sliding"] = "random"  # a start drawn per epoch, or the list in turn
+    eval_num_steps: int = 0  # steps of the evaluation's deterministic sampler; 0 = num_steps
     guidance_scale: float = 5.0
     batch_size: int = 1  # per process
     num_batches_per_epoch: int = 2  # per process
@@ -68,7 +82,9 @@ class SampleConfig:
 
 @dataclass
 class TrainConfig:
-    algorithm: Literal["ddpo_is", "ddpo_sf", "rwr", "rwr_sparse"] = "ddpo_is"
+    # ddpo_is / ddpo_sf: DDPO; grpo: ddpo_is with group-relative advantages (Flow-GRPO); rwr / rwr_sparse:
+    # reward-weighted regression; nft: DiffusionNFT (likelihood-free, any sampler).
+    algorithm: Literal["ddpo_is", "ddpo_sf", "grpo", "rwr", "rwr_sparse", "nft"] = "ddpo_is"
     num_epochs: int = 100
     batch_size: int = 1  # per process, per micro-batch
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (times the trained timesteps)
@@ -93,6 +109,7 @@ class TrainConfig:
     cfg: bool = True  # recompute log-probs with classifier-free guidance, as they were sampled
     rwr_temperature: float = 0.2  # beta in exp(r / beta), on normalised rewards
     rwr_sparse_quantile: float = 0.9  # rwr_sparse keeps samples with reward >= this quantile
+    nft_beta: float = 1.0  # DiffusionNFT: how far the implicit positive/negative policies sit from the old one
     per_prompt_stat_tracking: bool = True
     stat_buffer_size: int = 16
     stat_min_count: int = 16
@@ -246,6 +263,8 @@ def load_config(path_or_preset: str | None = None, overrides: list[str] | None =
     data = read_yaml(path_or_preset or DEFAULT_PRESET)
     data = apply_overrides(data, overrides or [])
     config = from_dict(Config, data, where="")
+    from ddpo.validation import validate
+
     validate(config)
     return config
 
@@ -331,91 +350,6 @@ def _check_plain(key: str, value: Any) -> None:
                           "true/false, null, a list or a mapping")
 
 
-# ---------------------------------------------------------------------------------------------- validation
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def optimizer_steps_per_epoch(c: Config) -> int:
-    """Optimizer steps per epoch (on every process alike): inner epochs x samples per process / samples per step."""
-    s, t = c.sample, c.train
-    per_step = t.batch_size * t.gradient_accumulation_steps
-    return t.num_inner_epochs * max(1, s.batch_size * s.num_batches_per_epoch // per_step)
-
-
-def validate(c: Config) -> None:
-    """Cross-field checks, all before any model loads."""
-    s, t, p, lg = c.sample, c.train, c.prompts, c.logging
-    for key, value in [("sample.num_steps", s.num_steps), ("sample.batch_size", s.batch_size),
-                       ("sample.num_batches_per_epoch", s.num_batches_per_epoch), ("train.batch_size", t.batch_size),
-                       ("sample.images_per_prompt", s.images_per_prompt),
-                       ("train.num_epochs", t.num_epochs), ("train.num_inner_epochs", t.num_inner_epochs),
-                       ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
-                       ("logging.save_every", lg.save_every), ("logging.keep_last", lg.keep_last),
-                       ("train.stat_buffer_size", t.stat_buffer_size), ("prompts.eval_num_prompts", p.eval_num_prompts)]:
-        _require(value >= 1, f"{key}={value} must be >= 1")
-    _require(s.eta >= 0, f"sample.eta={s.eta} must be >= 0")
-    _require(s.guidance_scale >= 1.0, f"sample.guidance_scale={s.guidance_scale} must be >= 1 (1 turns guidance off)")
-    if t.algorithm in ("ddpo_is", "ddpo_sf"):
-        _require(s.eta > 0, f"train.algorithm={t.algorithm} needs a stochastic policy: sample.eta={s.eta} makes every "
-                 "DDIM step deterministic (no log-probability). Set sample.eta > 0 (the paper uses 1.0), or use rwr.")
-    if t.algorithm == "ddpo_sf":
-        _require(t.num_inner_epochs == 1, "train.algorithm=ddpo_sf (REINFORCE) is on-policy: set train.num_inner_epochs=1 "
-                 "(use ddpo_is for several inner epochs)")
-    _require(s.batch_size % s.images_per_prompt == 0,
-             f"sample.batch_size={s.batch_size} is not divisible by sample.images_per_prompt={s.images_per_prompt}: "
-             "a batch holds whole groups of images of one prompt; choose a batch size that is a multiple of it")
-    samples = s.batch_size * s.num_batches_per_epoch
-    _require(samples % t.batch_size == 0,
-             f"sample.batch_size * sample.num_batches_per_epoch = {samples} samples per process is not divisible by "
-             f"train.batch_size={t.batch_size}; choose a train.batch_size that divides {samples}")
-    micro_batches = samples // t.batch_size
-    _require(micro_batches % t.gradient_accumulation_steps == 0,
-             f"{micro_batches} micro-batches per process per inner epoch is not divisible by "
-             f"train.gradient_accumulation_steps={t.gradient_accumulation_steps}; choose a divisor of {micro_batches}")
-    steps = optimizer_steps_per_epoch(c)
-    if t.algorithm == "ddpo_sf":  # REINFORCE's gradient is unbiased only on the policy that drew the samples
-        _require(steps == 1, f"train.algorithm=ddpo_sf (REINFORCE) is on-policy, but {samples} samples per process in "
-                 f"steps of train.batch_size={t.batch_size} x train.gradient_accumulation_steps="
-                 f"{t.gradient_accumulation_steps} take {steps} optimizer steps per epoch (each after the first on "
-                 f"stale samples). Set train.gradient_accumulation_steps={micro_batches} (one step per epoch), or use "
-                 "train.algorithm=ddpo_is (importance sampling, made for several steps)")
-    _require(0 < t.timestep_fraction <= 1, f"train.timestep_fraction={t.timestep_fraction} must be in (0, 1]")
-    _require(t.timesteps_per_call >= 1,
-             f"train.timesteps_per_call={t.timesteps_per_call} must be >= 1 (1 = one UNet call per step)")
-    _require(t.clip_range > 0, f"train.clip_range={t.clip_range} must be > 0")
-    _require(t.adv_clip_max > 0, f"train.adv_clip_max={t.adv_clip_max} must be > 0")
-    _require(t.kl_coef >= 0, f"train.kl_coef={t.kl_coef} must be >= 0 (0 turns the KL penalty off)")
-    if t.kl_coef > 0:
-        _require(t.algorithm in ("ddpo_is", "ddpo_sf"), f"train.kl_coef={t.kl_coef} is a penalty on the DDPO policy's "
-                 f"steps; train.algorithm={t.algorithm} has none. Set train.kl_coef=0")
-        _require(c.model.use_lora, f"train.kl_coef={t.kl_coef} takes the pretrained model as the reference by turning "
-                 "the LoRA adapters off; full finetuning keeps no copy of it. Set model.use_lora=true or train.kl_coef=0")
-    _require(t.learning_rate > 0, f"train.learning_rate={t.learning_rate} must be > 0")
-    _require(c.reward.timeout_s > 0, f"reward.timeout_s={c.reward.timeout_s} must be > 0 (seconds per reward call)")
-    _require(t.max_grad_norm > 0, f"train.max_grad_norm={t.max_grad_norm} must be > 0")
-    _require(t.rwr_temperature > 0, f"train.rwr_temperature={t.rwr_temperature} must be > 0")
-    _require(0 <= t.rwr_sparse_quantile < 1, f"train.rwr_sparse_quantile={t.rwr_sparse_quantile} must be in [0, 1)")
-    _require(t.stat_min_count >= 1, f"train.stat_min_count={t.stat_min_count} must be >= 1")
-    if t.per_prompt_stat_tracking:  # a buffer that never holds stat_min_count rewards would batch-normalise silently
-        _require(t.stat_buffer_size >= t.stat_min_count,
-                 f"train.stat_buffer_size={t.stat_buffer_size} is smaller than train.stat_min_count={t.stat_min_count}: "
-                 "no prompt could ever have its own statistics. Set stat_buffer_size >= stat_min_count, or "
-                 "train.per_prompt_stat_tracking=false to normalise by the batch")
-    for key, seed in [("seed", c.seed), ("prompts.eval_seed", p.eval_seed)]:
-        _require(0 <= seed <= SEED_MAX, f"{key}={seed} must be in [0, {SEED_MAX}]")
-    _require(lg.run_name == "" or RUN_NAME.fullmatch(lg.run_name) is not None,
-             f"logging.run_name={lg.run_name!r}: {RUN_NAME_RULE}; the run folder is logging.output_dir/run_name "
-             "(set logging.output_dir to choose where)")
-    _require(c.model.lora_rank >= 1, f"model.lora_rank={c.model.lora_rank} must be >= 1")
-    _require(p.eval_every >= 0, f"prompts.eval_every={p.eval_every} must be >= 0 (0 turns evaluation off)")
-    _require(bool(c.model.pretrained), "model.pretrained is empty; give a diffusers folder, a hub id, or 'shapes'")
-    _require(bool(c.reward.name), "reward.name is empty; see `ddpo score --help` for the reward names")
-
-
 def save_config(config: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
@@ -427,5 +361,7 @@ def config_from_file(path: Path) -> Config:
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot read the config file ({err})") from None
     config = from_dict(Config, parse_yaml(text, str(path)) or {}, where="")
+    from ddpo.validation import validate
+
     validate(config)
     return config

@@ -17,21 +17,26 @@ from pathlib import Path
 
 
 def load_for_inference(model: str, lora: str | None = None, device: str | None = None):
-    """The pipeline of `model` with the weights of a `ddpo train` checkpoint (LoRA or full UNet) applied.
+    """The model family of `model` (ddpo/families) with the weights of a `ddpo train` checkpoint (LoRA, or a full
+    UNet or transformer) applied, on `device`.
 
     `lora` is a checkpoint folder, or a run folder (its newest checkpoint). Weights that do not fit `model` raise
     a one-line CheckpointError naming the model the checkpoint was trained on.
     """
     import torch
 
-    from ddpo.pipeline import load_pipeline
+    from ddpo.families import load_family
 
-    pipe = load_pipeline(model)
+    family = load_family(model)
+    pipe = family.pipe
     if lora:
         from ddpo.checkpoint import LORA_FILE, CheckpointError, find_checkpoint
 
         folder = find_checkpoint(Path(lora))
-        trained_on = checkpoint_config(folder).model.pretrained
+        trained = checkpoint_config(folder)
+        trained_on = trained.model.pretrained
+        family.set_resolution(trained.model.resolution)  # sample as it was trained
+        family.step_kind = trained.sample.flow_step
         advice = (f"it was trained on model.pretrained={trained_on!r}; pass --model {trained_on}"
                   if trained_on != model else f"it was trained on this model ({model!r})")
         if (folder / LORA_FILE).is_file():
@@ -42,17 +47,15 @@ def load_for_inference(model: str, lora: str | None = None, device: str | None =
                 raise CheckpointError(f"the LoRA weights in {folder} do not fit {model!r} "
                                       f"({type(err).__name__}); {advice}") from None
         else:
-            from diffusers import UNet2DConditionModel
-
-            unet = UNet2DConditionModel.from_pretrained(folder / "unet")
-            fits = (unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
-                    and unet.config.in_channels == pipe.unet.config.in_channels
-                    and unet.config.out_channels == pipe.unet.config.out_channels)
-            if not fits:
-                raise CheckpointError(f"the UNet in {folder} does not fit the text encoder and VAE of {model!r}; {advice}")
-            pipe.unet = unet
+            trained = type(family.denoiser).from_pretrained(folder / family.denoiser_attr)
+            base = {k: v.shape for k, v in family.denoiser.state_dict().items()}
+            if {k: v.shape for k, v in trained.state_dict().items()} != base:
+                raise CheckpointError(f"the {family.denoiser_attr} in {folder} does not fit the text encoders and VAE "
+                                      f"of {model!r}; {advice}")
+            family.denoiser = trained
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return pipe.to(device)
+    pipe.to(device)
+    return family
 
 
 def checkpoint_config(folder: Path):
@@ -80,18 +83,18 @@ def _quiet(*names: str):
             logger.setLevel(level)
 
 
-def generate_images(pipe, prompts: list[str], seed: int = 0, num_steps: int = 50, guidance_scale: float = 5.0,
+def generate_images(family, prompts: list[str], seed: int = 0, num_steps: int = 50, guidance_scale: float = 5.0,
                     eta: float = 1.0, negative_prompt: str = ""):
     """One image per prompt, image i seeded by `seed + i`. Returns (images (N, 3, H, W) in [0, 1], CPU)."""
     import torch
 
-    from ddpo.sampler import encode_prompts, sample_trajectories
+    from ddpo.sampler import sample_trajectories
 
-    device = pipe.unet.device
-    negative = encode_prompts(pipe, [negative_prompt], device)
+    device = family.device
+    negative = family.encode([negative_prompt], device)
     images = []
     for i, prompt in enumerate(prompts):
-        trajectories = sample_trajectories(pipe, pipe.unet, encode_prompts(pipe, [prompt], device), negative,
+        trajectories = sample_trajectories(family, family.denoiser, family.encode([prompt], device), negative,
                                            num_steps=num_steps, guidance_scale=guidance_scale, eta=eta,
                                            generator=torch.Generator().manual_seed(seed + i))
         images.append(trajectories.images)
@@ -123,20 +126,20 @@ def main(argv: list[str]) -> int:
 
     try:
         steps, guidance, source = _defaults(args)
-        pipe = load_for_inference(args.model, args.lora)
+        family = load_for_inference(args.model, args.lora)
     except (ModelLoadError, CheckpointError) as err:
         print(f"ddpo generate: {err}", file=sys.stderr)
         return 1
-    limit = pipe.scheduler.config.num_train_timesteps
+    limit = family.pipe.scheduler.config.num_train_timesteps
     if steps > limit:
         parser.error(f"--steps {steps}: {args.model!r} was trained with {limit} timesteps; use at most {limit}")
-    _warn_long_prompts(args.prompt, pipe.tokenizer)
+    _warn_long_prompts(args.prompt, family.tokenizers()[0])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.quiet:
         print(_settings_line(args, steps, guidance, source, out), flush=True)
     for p_index, prompt in enumerate(args.prompt):
-        images = generate_images(pipe, [prompt] * args.n, seed=args.seed, num_steps=steps, guidance_scale=guidance,
+        images = generate_images(family, [prompt] * args.n, seed=args.seed, num_steps=steps, guidance_scale=guidance,
                                  eta=args.eta)
         for i, image in enumerate(images):
             path = out / f"p{p_index:02d}_seed{args.seed + i:04d}.png"

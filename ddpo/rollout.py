@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ddpo.losses import NonFiniteError
 from ddpo.reward_pool import RewardPool, check_finite
-from ddpo.sampler import Trajectories, encode_prompts, latent_shape, sample_trajectories
+from ddpo.sampler import Trajectories, cat_trajectories, sample_trajectories
 
 
 class Rollout(NamedTuple):
@@ -50,14 +50,30 @@ def split_arg(split: str) -> str | None:
     return None if split == "all" else split
 
 
-def cat_trajectories(parts: list[Trajectories]) -> Trajectories:
-    return Trajectories(*(torch.cat(fields) for fields in zip(*parts)))
+def sde_window(config, epoch: int) -> torch.Tensor | None:
+    """(T,) bool: the steps of epoch `epoch` that sample with the SDE (and are trained); None for all of them.
+
+    With `sample.sde_window` = k > 0 only k consecutive steps are stochastic and the rest are deterministic
+    (Flow-GRPO-Fast, MixGRPO): the window starts at one of `sample.sde_window_starts` (all positions if empty),
+    drawn per epoch (`sde_window_schedule=random`, seeded by (seed, epoch)) or in turn (`sliding`)."""
+    s = config.sample
+    if s.sde_window == 0:
+        return None
+    starts = s.sde_window_starts or list(range(s.num_steps - s.sde_window + 1))
+    if s.sde_window_schedule == "sliding":
+        start = starts[epoch % len(starts)]
+    else:
+        start = starts[int(np.random.default_rng(derive_seed(config.seed, epoch, "sde-window")).integers(len(starts)))]
+    mask = torch.zeros(s.num_steps, dtype=torch.bool)
+    mask[start:start + s.sde_window] = True
+    return mask
 
 
-def collect_rollout(pipe, unet, grammar, reward_pool: RewardPool, config, epoch: int, process_index: int,
+def collect_rollout(family, unet, grammar, reward_pool: RewardPool, config, epoch: int, process_index: int,
                     num_processes: int, device: torch.device, autocast, progress: bool) -> Rollout:
     s = config.sample
-    negative = encode_prompts(pipe, [s.negative_prompt], device)
+    negative = family.encode([s.negative_prompt], device)
+    window = sde_window(config, epoch)
     batches, futures, texts, metadata, indices = [], [], [], [], []
     group_prompts = epoch_group_prompts(grammar, config, epoch, num_processes) if s.images_per_prompt > 1 else None
     start = time.perf_counter()
@@ -69,8 +85,9 @@ def collect_rollout(pipe, unet, grammar, reward_pool: RewardPool, config, epoch:
         generator = torch.Generator().manual_seed(derive_seed(config.seed, epoch, global_batch, "noise"))
         with autocast():
             trajectories = sample_trajectories(
-                pipe, unet, encode_prompts(pipe, batch_texts, device), negative.expand(s.batch_size, -1, -1),
-                num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta, generator=generator)
+                family, unet, family.encode(batch_texts, device), negative.expand(s.batch_size),
+                num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta, generator=generator,
+                sde_steps=window)
         check_finite_latents(trajectories, epoch)
         futures.append(reward_pool.submit(trajectories.images, batch_texts, batch_meta))
         batches.append(trajectories)
@@ -146,16 +163,16 @@ def evaluation_prompts(grammar, config, oversample: int = 16) -> list:
     return list(first.values())[:p.eval_num_prompts]
 
 
-def evaluation_noise(pipe, eval_seed: int, positions: list[int]) -> torch.Tensor:
-    """x_T for the evaluation prompts at `positions` (n, C, h, w): one seed per prompt position, so a prompt
-    gets the same noise whichever process evaluates it and however many there are."""
-    shape = latent_shape(pipe, 1)
+def evaluation_noise(family, eval_seed: int, positions: list[int]) -> torch.Tensor:
+    """The initial noise for the evaluation prompts at `positions` (n, ...): one seed per prompt position, so a
+    prompt gets the same noise whichever process evaluates it and however many there are."""
+    shape = family.latent_shape(1)
     return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(
         derive_seed(eval_seed, i, "eval-noise"))) for i in positions])
 
 
 @torch.no_grad()
-def evaluate(pipe, unet, grammar, reward_pool: RewardPool, config, process_index: int, num_processes: int,
+def evaluate(family, unet, grammar, reward_pool: RewardPool, config, process_index: int, num_processes: int,
              device: torch.device, autocast) -> Evaluation:
     """This process's share of the fixed evaluation prompts, sampled deterministically (eta = 0), and their rewards.
 
@@ -169,12 +186,12 @@ def evaluate(pipe, unet, grammar, reward_pool: RewardPool, config, process_index
     if not mine:
         return Evaluation([], [], torch.zeros(0, 3, 1, 1), np.zeros(0, dtype=np.float32))
     texts = [prompts[i].text for i in mine]
-    negative = encode_prompts(pipe, [s.negative_prompt], device).expand(len(mine), -1, -1)
+    negative = family.encode([s.negative_prompt], device).expand(len(mine))
     with autocast():
-        trajectories = sample_trajectories(pipe, unet, encode_prompts(pipe, texts, device), negative,
-                                           num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=0.0,
-                                           generator=torch.Generator(), initial_noise=evaluation_noise(
-                                               pipe, p.eval_seed, mine))
+        trajectories = sample_trajectories(family, unet, family.encode(texts, device), negative,
+                                           num_steps=s.eval_num_steps or s.num_steps,
+                                           guidance_scale=s.guidance_scale, eta=0.0, generator=torch.Generator(),
+                                           initial_noise=evaluation_noise(family, p.eval_seed, mine))
     check_finite_latents(trajectories, None)
     metadata = [dict(prompts[i].metadata) for i in mine]
     result = reward_pool.result(reward_pool.submit(trajectories.images, texts, metadata))

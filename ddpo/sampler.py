@@ -1,7 +1,7 @@
-"""Sampling trajectories: the denoising loop of Stable Diffusion with per-step log-probabilities.
+"""Sampling trajectories: the denoising loop of any model family, with per-step log-probabilities.
 
-Written against the pipeline's components (tokenizer, text encoder, UNet, DDIM scheduler, VAE), so that
-the same `predict_noise` runs at sampling and at training time and importance ratios start at exactly 1.
+Written against the family interface (ddpo/families/base.py), so that the same `family.predict` and
+`family.step_mean_std` run at sampling and at training time and importance ratios start at exactly 1.
 """
 
 from __future__ import annotations
@@ -10,87 +10,70 @@ from typing import NamedTuple
 
 import torch
 
-from ddpo.logprob import ddim_step_mean_std, ddim_step_with_logprob
+from ddpo.families.base import Cond
+from ddpo.logprob import step_log_prob
 
 
 class Trajectories(NamedTuple):
     """A batch of B denoising trajectories of T steps (all float32 unless noted)."""
 
-    latents: torch.Tensor  # (B, T+1, C, h, w): x_T, ..., x_0
-    log_probs: torch.Tensor  # (B, T): log pi(x_{t-1} | x_t) when sampled; NaN when eta = 0 (no density)
-    timesteps: torch.Tensor  # (B, T) long: t at each step
-    prompt_embeds: torch.Tensor  # (B, L, D)
-    negative_embeds: torch.Tensor  # (B, L, D): the unconditional (negative-prompt) embedding
+    latents: torch.Tensor  # (B, T+1, ...): x at each step, the noise first and the sample last
+    log_probs: torch.Tensor  # (B, T): log pi(x_{i+1} | x_i) when sampled; NaN at a deterministic (ODE) step
+    timesteps: torch.Tensor  # (B, T): the denoiser's time input at each step
+    cond: Cond  # the prompts' conditioning, each tensor (B, ...)
+    negative: Cond  # the unconditional (negative-prompt) conditioning, each tensor (B, ...)
     images: torch.Tensor  # (B, 3, H, W) in [0, 1], on the CPU
 
 
-@torch.no_grad()
-def encode_prompts(pipe, prompts: list[str], device: torch.device) -> torch.Tensor:
-    """Text-encoder hidden states (B, L, D) of `prompts`, padded to the tokenizer's max length (77 for CLIP)."""
-    tokens = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt")
-    return pipe.text_encoder(tokens.input_ids.to(device))[0]
+def cat_trajectories(parts: list[Trajectories]) -> Trajectories:
+    return Trajectories(*(Cond.cat(list(field)) if isinstance(field[0], Cond) else torch.cat(field)
+                          for field in zip(*parts)))
 
 
-def predict_noise(unet, latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor,
-                  negative_embeds: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-    """UNet output (B, C, h, w) with classifier-free guidance; timesteps (B,). Guidance 1 skips the unconditional pass."""
-    if guidance_scale == 1.0:
-        return unet(latents, timesteps, encoder_hidden_states=prompt_embeds).sample
-    output = unet(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]),
-                  encoder_hidden_states=torch.cat([negative_embeds, prompt_embeds])).sample
-    uncond, cond = output.chunk(2)
-    return uncond + guidance_scale * (cond - uncond)
+def noise_levels(eta: float, num_steps: int, sde_steps: torch.Tensor | None) -> list[float]:
+    """The noise level of each step: `eta` inside the SDE window (every step without one), 0 (ODE) outside."""
+    return [eta if sde_steps is None or bool(sde_steps[i]) else 0.0 for i in range(num_steps)]
 
 
 @torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1], float32 on the CPU."""
-    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-    return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
+def sample_trajectories(family, model, cond: Cond, negative: Cond, *, num_steps: int, guidance_scale: float,
+                        eta: float, generator: torch.Generator, progress: bool = False,
+                        initial_noise: torch.Tensor | None = None,
+                        sde_steps: torch.Tensor | None = None) -> Trajectories:
+    """Run the family's sampler from N(0, I) noise and record every step.
 
-
-def latent_shape(pipe, batch_size: int) -> tuple[int, int, int, int]:
-    size = pipe.unet.config.sample_size
-    return (batch_size, pipe.unet.config.in_channels, size, size)
-
-
-@torch.no_grad()
-def sample_trajectories(pipe, unet, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor, *, num_steps: int,
-                        guidance_scale: float, eta: float, generator: torch.Generator,
-                        progress: bool = False, initial_noise: torch.Tensor | None = None) -> Trajectories:
-    """Run the DDIM loop from x_T ~ N(0, I) and record every step.
-
-    `unet` is passed separately from `pipe` because during training it is the (possibly DDP-wrapped, LoRA)
+    `model` is passed separately from `family` because during training it is the (possibly DDP-wrapped, LoRA)
     policy. Noise comes only from `generator` (a CPU generator), so a seed fixes the whole trajectory.
-    `initial_noise` (B, C, h, w), if given, is x_T's N(0, I) draw instead (e.g. one seed per evaluation prompt).
+    `initial_noise` (B, ...), if given, is the N(0, I) draw of the first latents instead (e.g. one seed per
+    evaluation prompt). `sde_steps` (T,) bool, if given, makes only those steps stochastic (an SDE window); the
+    others take the deterministic step (log-prob NaN: no density, not trained on).
     """
+    from diffusers.utils.torch_utils import randn_tensor
     from tqdm.auto import tqdm
 
-    device = prompt_embeds.device
-    scheduler = pipe.scheduler
-    scheduler.set_timesteps(num_steps, device=device)
-    batch = prompt_embeds.shape[0]
-    noise = torch.randn(latent_shape(pipe, batch), generator=generator) if initial_noise is None else initial_noise
-    latents = noise.to(device) * scheduler.init_noise_sigma
+    device = next(iter(cond.values())).device
+    family.set_steps(num_steps, device)
+    batch = next(iter(cond.values())).shape[0]
+    noise = torch.randn(family.latent_shape(batch), generator=generator) if initial_noise is None else initial_noise
+    latents = family.initial_latents(noise.to(device))
     all_latents, all_log_probs = [latents], []
-    for t in tqdm(scheduler.timesteps, desc="sampling", leave=False, disable=not progress):
-        timesteps = t.expand(batch)
-        noise_pred = predict_noise(unet, scheduler.scale_model_input(latents, t), timesteps, prompt_embeds,
-                                   negative_embeds, guidance_scale)
-        if eta > 0:
-            latents, log_prob = ddim_step_with_logprob(scheduler, noise_pred, timesteps, latents, eta=eta,
-                                                       generator=generator)
-        else:  # deterministic DDIM (evaluation): the policy has no density here
-            latents, _ = ddim_step_mean_std(scheduler, noise_pred, timesteps, latents, eta=0.0)
-            log_prob = torch.full((batch,), float("nan"), device=device)
+    levels = noise_levels(eta, num_steps, sde_steps)
+    for i, t in enumerate(tqdm(family.timesteps, desc="sampling", leave=False, disable=not progress)):
+        output = family.predict(model, latents, t.expand(batch), cond, negative, guidance_scale)
+        mean, std = family.step_mean_std(output, torch.full((batch,), i, dtype=torch.long), latents, levels[i])
+        if levels[i] > 0:
+            draw = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            latents = (mean + std * draw).float()
+            log_prob = step_log_prob(latents, mean, std)
+        else:  # deterministic step (evaluation, or outside the SDE window): the policy has no density here
+            latents, log_prob = mean, torch.full((batch,), float("nan"), device=device)
         all_latents.append(latents)
         all_log_probs.append(log_prob)
     return Trajectories(
         latents=torch.stack(all_latents, dim=1),
         log_probs=torch.stack(all_log_probs, dim=1),
-        timesteps=scheduler.timesteps.expand(batch, -1).clone(),
-        prompt_embeds=prompt_embeds,
-        negative_embeds=negative_embeds,
-        images=decode_latents(pipe.vae, latents),
+        timesteps=family.timesteps.expand(batch, -1).clone(),
+        cond=cond,
+        negative=negative,
+        images=family.decode(latents),
     )

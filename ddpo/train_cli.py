@@ -132,7 +132,8 @@ def _resume_config(resume: str, config_arg: str | None, overrides: list[str]):
 
     import yaml
 
-    from ddpo.config import Config, ConfigError, apply_overrides, from_dict, validate
+    from ddpo.config import Config, ConfigError, apply_overrides, from_dict
+    from ddpo.validation import validate
 
     if config_arg:
         raise ConfigError("--resume takes the config saved in the run; pass only section.key=value overrides")

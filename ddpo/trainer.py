@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 from ddpo import checkpoint as ckpt
-from ddpo.advantages import PerPromptStatTracker, batch_advantages, group_advantages
+from ddpo.advantages import PerPromptStatTracker, batch_advantages, group_advantages, group_relative_advantages
 from ddpo.config import Config, ConfigError, config_from_file, save_config
 from ddpo.losses import NonFiniteError
 from ddpo.metrics import append_metrics, epoch_line, run_folder_line, save_grid, truncate_metrics
-from ddpo.pipeline import load_pipeline, load_trained_weights, prepare_unet, save_trained_weights
+from ddpo.pipeline import load_trained_weights, prepare_denoiser, save_trained_weights
 from ddpo.reward_pool import RewardPool
 from ddpo.rollout import Rollout, collect_rollout, evaluate
 from ddpo.update import epoch_weights, grad_scaler_state, load_grad_scaler_state, policy_update
@@ -78,22 +78,28 @@ def resolve_run_dir(config: Config, resume: str | None) -> Path:
 
 
 def build_policy(config: Config, device: torch.device):
-    """Pipeline on `device`, frozen parts in the inference dtype, trainable UNet params (LoRA or all) in fp32."""
+    """The model family on `device`: frozen parts in the inference dtype, trainable denoiser params (LoRA or all)
+    in fp32. Returns (family, params)."""
+    from ddpo.families import family_class, load_family
+
     m = config.model
-    pipe = load_pipeline(m.pretrained, m.revision)
+    family_class(m.pretrained, m.revision).check_config(config)  # model_index.json only: before the weights load
+    family = load_family(m.pretrained, m.revision)
+    family.set_resolution(m.resolution)
+    family.step_kind = config.sample.flow_step
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[m.mixed_precision]
     # Only cast when needed: diffusers warns on any .to(dtype=...), even a no-op float32 one.
     frozen = {} if dtype == torch.float32 else {"dtype": dtype}
-    pipe.vae.to(device, **frozen).requires_grad_(False)
-    pipe.text_encoder.to(device, **frozen).requires_grad_(False)
-    pipe.unet.to(device, **(frozen if m.use_lora else {}))
+    for module in family.frozen_modules():
+        module.to(device, **frozen).requires_grad_(False)
+    family.denoiser.to(device, **(frozen if m.use_lora else {}))
     torch.manual_seed(config.seed)  # identical LoRA initialisation on every process
-    params = prepare_unet(pipe.unet, use_lora=m.use_lora, rank=m.lora_rank, alpha=m.lora_alpha,
-                          target_modules=m.lora_target_modules, gradient_checkpointing=m.gradient_checkpointing,
-                          attention=m.attention)
+    params = prepare_denoiser(family.denoiser, use_lora=m.use_lora, rank=m.lora_rank, alpha=m.lora_alpha,
+                              target_modules=m.lora_target_modules, gradient_checkpointing=m.gradient_checkpointing,
+                              attention=m.attention)
     for p in params:
         p.data = p.data.float()
-    return pipe, params
+    return family, params
 
 
 def make_optimizer(config: Config, params: list) -> torch.optim.Optimizer:
@@ -123,7 +129,9 @@ def compute_weights(accelerator, rollout: Rollout, tracker: PerPromptStatTracker
     kept = [p for p, v in zip(prompts, valid) if v]
     advantages = np.zeros_like(rewards)
     groups = np.sort(np.asarray(index))[valid] // config.sample.images_per_prompt  # a group's images are adjacent
-    if valid.any() and tracker is not None and config.sample.images_per_prompt > 1:
+    if valid.any() and config.train.algorithm == "grpo":
+        advantages[valid] = group_relative_advantages(rewards[valid], groups)
+    elif valid.any() and tracker is not None and config.sample.images_per_prompt > 1:
         advantages[valid] = group_advantages(tracker, kept, rewards[valid], groups)  # each group by itself
     elif valid.any():
         advantages[valid] = (tracker.update(kept, rewards[valid]) if tracker is not None
@@ -160,13 +168,14 @@ def train(config: Config, resume: str | None = None) -> Path:
     progress = config.logging.progress and is_main and sys.stderr.isatty()
     reward_pool = RewardPool(config.reward.name, config.reward.kwargs, config.reward.executor, config.reward.timeout_s)
     try:
-        pipe, params = build_policy(config, accelerator.device)
-        _warn_long_prompts(grammar, config, pipe.tokenizer)
+        family, params = build_policy(config, accelerator.device)
+        _warn_long_prompts(grammar, config, family.tokenizers()[0])
         optimizer = make_optimizer(config, params)
-        unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+        unet, optimizer = accelerator.prepare(family.denoiser, optimizer)
         tracker = (PerPromptStatTracker(config.train.stat_buffer_size, config.train.stat_min_count)
                    if config.train.per_prompt_stat_tracking else None)
-        start_epoch = _restore(resume_from, accelerator, unet, optimizer, tracker, config) if resume_from else 0
+        start_epoch = (_restore(resume_from, accelerator, family, unet, optimizer, tracker, config)
+                       if resume_from else 0)
         if is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, run_dir / "config.yaml")
@@ -176,12 +185,12 @@ def train(config: Config, resume: str | None = None) -> Path:
                                   tensorboard=config.logging.tensorboard and _has_tensorboard()), flush=True)
         baseline = {}
         if config.prompts.eval_every and start_epoch == 0:  # "before" for the before/after comparison
-            baseline["eval_reward_before"] = _evaluation(config, pipe, unet, grammar, reward_pool, accelerator,
+            baseline["eval_reward_before"] = _evaluation(config, family, unet, grammar, reward_pool, accelerator,
                                                          run_dir / "samples" / "eval_before.png")
         # `epoch` is the 0-based index that seeds the epoch's draws; everything a person reads (console, metrics,
         # grids, checkpoint folders) numbers epochs 1..N: `epoch + 1`, the number of epochs completed.
         for epoch in range(start_epoch, config.train.num_epochs):
-            row = _run_epoch(config, epoch, pipe, unet, optimizer, accelerator, params, grammar, reward_pool,
+            row = _run_epoch(config, epoch, family, unet, optimizer, accelerator, params, grammar, reward_pool,
                              tracker, run_dir, progress)
             row.update(baseline if epoch == 0 else {})
             if is_main:
@@ -189,7 +198,7 @@ def train(config: Config, resume: str | None = None) -> Path:
                 accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch + 1)
                 print(epoch_line(row, config.train.num_epochs), flush=True)
             if (epoch + 1) % config.logging.save_every == 0 or epoch + 1 == config.train.num_epochs:
-                _save(run_dir, epoch, accelerator, unet, optimizer, params, tracker, config)
+                _save(run_dir, epoch, accelerator, family, unet, optimizer, params, tracker, config)
         accelerator.end_training()
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM where `ddpo train` turned it into TrainingInterrupted
         raise TrainingInterrupted(getattr(err, "signum", signal.SIGINT), run_dir) from None
@@ -240,38 +249,38 @@ def _warn_long_prompts(grammar, config: Config, tokenizer) -> None:
                          tokenizer)
 
 
-def _run_epoch(config, epoch, pipe, unet, optimizer, accelerator, params, grammar, reward_pool, tracker,
+def _run_epoch(config, epoch, family, unet, optimizer, accelerator, params, grammar, reward_pool, tracker,
                run_dir: Path, progress: bool) -> dict[str, Any]:
     start = time.perf_counter()
     policy = accelerator.unwrap_model(unet)  # sampling needs no DDP (and must not broadcast buffers)
     policy.eval()
-    rollout = collect_rollout(pipe, policy, grammar, reward_pool, config, epoch, accelerator.process_index,
+    rollout = collect_rollout(family, policy, grammar, reward_pool, config, epoch, accelerator.process_index,
                               accelerator.num_processes, accelerator.device, accelerator.autocast, progress)
     weights, stats = compute_weights(accelerator, rollout, tracker, config)
     if accelerator.is_main_process and config.logging.sample_grid:
         _save_grid(rollout, run_dir / "samples" / f"epoch_{epoch + 1:04d}.png")
     train_start = time.perf_counter()
     unet.train()
-    losses = policy_update(unet, pipe.scheduler, optimizer, accelerator, params, rollout, weights, config, epoch,
+    losses = policy_update(unet, family, optimizer, accelerator, params, rollout, weights, config, epoch,
                            progress)
     train_s = time.perf_counter() - train_start
     row = {"epoch": epoch + 1, **stats, **losses, "sample_s": rollout.sample_s, "reward_s": rollout.reward_s,
            "train_s": train_s}
     p = config.prompts
     if p.eval_every and (epoch + 1) % p.eval_every == 0:
-        row["eval_reward_mean"] = _evaluation(config, pipe, policy, grammar, reward_pool, accelerator,
+        row["eval_reward_mean"] = _evaluation(config, family, policy, grammar, reward_pool, accelerator,
                                               run_dir / "samples" / f"eval_epoch_{epoch + 1:04d}.png")
     row["epoch_s"] = time.perf_counter() - start
     row["samples_per_s"] = stats["num_samples"] / row["epoch_s"]
     return row
 
 
-def _evaluation(config, pipe, unet, grammar, reward_pool, accelerator, grid_path: Path) -> float:
+def _evaluation(config, family, unet, grammar, reward_pool, accelerator, grid_path: Path) -> float:
     """Mean reward on the fixed evaluation prompts (all processes); the main process saves its images' grid."""
     from accelerate.utils import gather_object
 
     accelerator.unwrap_model(unet).eval()
-    result = evaluate(pipe, accelerator.unwrap_model(unet), grammar, reward_pool, config, accelerator.process_index,
+    result = evaluate(family, accelerator.unwrap_model(unet), grammar, reward_pool, config, accelerator.process_index,
                       accelerator.num_processes, accelerator.device, accelerator.autocast)
     if accelerator.is_main_process and config.logging.sample_grid and len(result.prompts):
         images = (result.images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
@@ -287,7 +296,7 @@ def _save_grid(rollout: Rollout, path: Path, max_images: int = 16) -> None:
     save_grid(images, captions, path)
 
 
-def _save(run_dir, epoch, accelerator, unet, optimizer, params, tracker, config) -> None:
+def _save(run_dir, epoch, accelerator, family, unet, optimizer, params, tracker, config) -> None:
     """Every process enters (the reference DDPO hung when only one did); the main process writes.
 
     Every process checks the weights first (they are identical on all), so a refusal raises everywhere."""
@@ -301,7 +310,7 @@ def _save(run_dir, epoch, accelerator, unet, optimizer, params, tracker, config)
         policy = accelerator.unwrap_model(unet)
         with _signals_deferred():
             ckpt.write_checkpoint(run_dir, done,
-                                  weights_writer=lambda folder: save_trained_weights(policy, folder,
+                                  weights_writer=lambda folder: save_trained_weights(family, policy, folder,
                                                                                      config.model.use_lora),
                                   optimizer_state=optimizer.state_dict(), trainer_state=state, config=config,
                                   keep_last=config.logging.keep_last)
@@ -340,13 +349,13 @@ def _signals_deferred():
             signal.raise_signal(received[0])  # handled now as it would have been
 
 
-def _restore(folder: Path, accelerator, unet, optimizer, tracker, config) -> int:
+def _restore(folder: Path, accelerator, family, unet, optimizer, tracker, config) -> int:
     """Load a verified checkpoint into the prepared model and optimizer; returns the epoch to start at.
 
     The optimizer's hyperparameters and the stat tracker's sizes come from `config`, not the checkpoint:
     `--resume RUN train.learning_rate=X` trains at X, as the run's config.yaml then says."""
     state = ckpt.read_trainer_state(folder)
-    load_trained_weights(accelerator.unwrap_model(unet), folder, config.model.use_lora)
+    load_trained_weights(family, accelerator.unwrap_model(unet), folder, config.model.use_lora)
     optimizer.load_state_dict(ckpt.read_optimizer_state(folder))
     _apply_optimizer_settings(optimizer, config)
     if tracker is not None and state.get("stat_tracker"):

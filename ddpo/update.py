@@ -1,12 +1,12 @@
 """The policy update of one epoch: inner epochs over this process's samples, one backward per chunk of timesteps.
 
-DDPO (ddpo_is, ddpo_sf) recomputes log p_theta(x_{t-1} | x_t, c) at the sampled steps of each trajectory;
-RWR (rwr, rwr_sparse) regresses the noise of the final samples x_0 at random diffusion times, weighted by
-reward. Gradients accumulate over `timestep_fraction * T` timesteps and `gradient_accumulation_steps`
+The per-algorithm losses are in ddpo/objectives.py: DDPO (ddpo_is, ddpo_sf, grpo) recomputes each sampled step's
+log-probability; RWR (rwr, rwr_sparse) and DiffusionNFT (nft) train on the final samples, noised at random times.
+Gradients accumulate over `timestep_fraction * T` timesteps and `gradient_accumulation_steps`
 micro-batches before each optimizer step; DDP synchronises them only on the last backward of a step.
-DDPO sends `train.timesteps_per_call` steps of each sample of a micro-batch through the UNet in one call (per-row
-timesteps) with one backward of their summed loss: the same gradient as one backward per step, fewer and larger
-UNet calls, and K times the activation memory. 1 is one call per step.
+DDPO sends `train.timesteps_per_call` steps of each sample of a micro-batch through the denoiser in one call
+(per-row timesteps) with one backward of their summed loss: the same gradient as one backward per step, fewer and
+larger calls, and K times the activation memory. 1 is one call per step.
 
 Every optimizer step first checks that its losses and gradient norm are finite (all processes agree): a
 non-finite step raises `NonFiniteError` naming the likely cause (train.on_nonfinite=error), or is dropped with the
@@ -23,92 +23,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ddpo.logprob import ddim_step_mean_std, step_log_prob, step_std
-from ddpo.losses import (NonFiniteError, ddpo_is_loss, ddpo_sf_loss, gaussian_kl, rwr_loss, rwr_sparse_weights,
-                         rwr_weights)
+from ddpo.losses import NonFiniteError, rwr_sparse_weights, rwr_weights
+from ddpo.objectives import DDPO_LOSSES, ddpo_chunk_loss, forward_noising_loss
 from ddpo.rollout import Rollout, derive_seed
-from ddpo.sampler import predict_noise
 
 logger = logging.getLogger("ddpo")
 
-_DDPO_LOSSES = {"ddpo_is": ddpo_is_loss, "ddpo_sf": ddpo_sf_loss}
 
-
-def _ddpo_chunk_loss(unet, scheduler, rollout: Rollout, idx, t_idx, weights, config):
-    """Losses of micro-batch `idx` (b,) at K steps per sample, `t_idx` (b, K) step indices, in ONE UNet call.
-
-    The b*K rows (times 2 with CFG) are position-major: row k*b + i is sample idx[i] at its k-th step, each
-    with its own timestep. Returns the summed loss (the gradient of K per-step backwards, as the loss is a sum
-    over steps) and, per step k, (loss, approx_kl, clipfrac, KL to the pretrained model or None), each computed
-    on that step's b rows exactly as a one-step call would. K=1 is the one-call-per-timestep update."""
-    s, t = config.sample, config.train
-    traj = rollout.trajectories
-    b, k_steps = t_idx.shape
-    rows, steps = idx.repeat(k_steps), t_idx.T.reshape(-1)  # (b*K,) each
-    latents, next_latents = traj.latents[rows, steps], traj.latents[rows, steps + 1]
-    timesteps = traj.timesteps[rows, steps]
-    guidance = s.guidance_scale if t.cfg else 1.0
-    embeds, negative = traj.prompt_embeds[rows], traj.negative_embeds[rows]
-    noise_pred = predict_noise(unet, latents, timesteps, embeds, negative, guidance)
-    mean, std = ddim_step_mean_std(scheduler, noise_pred, timesteps, latents, s.eta)  # eta > 0: config-checked
-    log_prob, old_log_prob = step_log_prob(next_latents, mean, std), traj.log_probs[rows, steps]
-    ref_mean = None
-    if t.kl_coef > 0:
-        ref_pred = _reference_noise(unet, latents, timesteps, embeds, negative, guidance)
-        ref_mean, _ = ddim_step_mean_std(scheduler, ref_pred, timesteps, latents, s.eta)
-    per_step, total = [], None
-    for k in range(k_steps):
-        part = slice(k * b, (k + 1) * b)
-        loss, stats = _DDPO_LOSSES[t.algorithm](log_prob[part], old_log_prob[part], weights[idx],
-                                                t.clip_range, t.adv_clip_max)
-        kl_ref = None
-        if ref_mean is not None:
-            kl_ref = gaussian_kl(mean[part], ref_mean[part], std[part]).mean()
-            loss = loss + t.kl_coef * kl_ref
-        per_step.append((loss, stats.approx_kl, stats.clipfrac, kl_ref))
-        total = loss if total is None else total + loss
-    return total, per_step
-
-
-@torch.no_grad()
-def _reference_noise(unet, latents, timesteps, prompt_embeds, negative_embeds, guidance) -> torch.Tensor:
-    """The pretrained model's prediction (B, C, h, w): the same UNet with its LoRA adapters turned off."""
-    model = getattr(unet, "module", unet)  # under DDP, the wrapped model (no gradient, so no DDP hooks needed)
-    model.disable_adapters()
-    try:
-        return predict_noise(model, latents, timesteps, prompt_embeds, negative_embeds, guidance)
-    finally:
-        model.enable_adapters()
-
-
-def _rwr_step_loss(unet, scheduler, rollout: Rollout, idx, seeds: list[int], weights):
-    """Weighted denoising loss of micro-batch `idx` (b,) on x_0 at a random diffusion time per sample."""
-    x0 = rollout.trajectories.latents[idx, -1]
-    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-    t = torch.cat([torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=g) for g in generators])
-    noise = torch.cat([torch.randn((1, *x0.shape[1:]), generator=g) for g in generators]).to(x0.device)
-    t = t.to(x0.device)
-    noisy = scheduler.add_noise(x0, noise, t)
-    prediction = unet(noisy, t, encoder_hidden_states=rollout.trajectories.prompt_embeds[idx]).sample
-    return rwr_loss(prediction, _denoising_target(scheduler, x0, noise, t), weights[idx]), None, None, None
-
-
-def _denoising_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the UNet regresses, by the scheduler's prediction type."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(x0, noise, t)
-    return x0
-
-
-def _trainable_steps(scheduler, config) -> torch.Tensor:
-    """(T,) bool: the steps the update trains on. DDPO skips deterministic steps (std 0: no log-probability)."""
+def _trainable_steps(family, rollout: Rollout, config) -> torch.Tensor:
+    """(T,) bool: the steps the update trains on. DDPO skips deterministic steps: std 0 (no log-probability) or
+    sampled outside the SDE window (log-prob NaN)."""
     s = config.sample
-    if config.train.algorithm not in _DDPO_LOSSES:
+    if config.train.algorithm not in DDPO_LOSSES:
         return torch.ones(s.num_steps, dtype=torch.bool)
-    trainable = (step_std(scheduler, scheduler.timesteps, s.eta) > 0).cpu()
+    sampled = torch.isfinite(rollout.trajectories.log_probs).all(dim=0).cpu()
+    trainable = (family.step_stds(s.eta) > 0).cpu() & sampled
     if not trainable.any():
         from ddpo.config import ConfigError
 
@@ -117,17 +46,19 @@ def _trainable_steps(scheduler, config) -> torch.Tensor:
     return trainable
 
 
-def policy_update(unet, scheduler, optimizer, accelerator, params: list, rollout: Rollout, weights: torch.Tensor,
+def policy_update(unet, family, optimizer, accelerator, params: list, rollout: Rollout, weights: torch.Tensor,
                   config, epoch: int, progress: bool) -> dict[str, float | int | None]:
     """Run the inner epochs; `weights` (N,) are advantages (DDPO) or RWR weights. Returns mean loss statistics
     over the optimizer steps taken, and `nonfinite_steps`, the steps dropped by train.on_nonfinite=skip."""
     s, t = config.sample, config.train
     num_samples, num_steps = len(rollout.prompts), s.num_steps
-    scheduler.set_timesteps(num_steps, device=weights.device)
-    trainable = _trainable_steps(scheduler, config)
+    family.set_steps(num_steps, weights.device)
+    trainable = _trainable_steps(family, rollout, config)
+    # DiffusionNFT's "old" policy is the one that sampled: the weights at the start of the epoch.
+    start_params = [p.detach().clone() for p in params] if t.algorithm == "nft" else None
     steps_per_sample = max(1, int(int(trainable.sum()) * t.timestep_fraction))
     accumulation = t.gradient_accumulation_steps * steps_per_sample
-    chunk = t.timesteps_per_call if t.algorithm in _DDPO_LOSSES else 1  # RWR: one call per step
+    chunk = t.timesteps_per_call if t.algorithm in DDPO_LOSSES else 1  # RWR: one call per step
     kept: dict[str, list[torch.Tensor]] = {"loss": [], "kl": [], "clipfrac": [], "kl_ref": []}
     step_stats: dict[str, list[torch.Tensor]] = {key: [] for key in kept}  # of the optimizer step being accumulated
     nonfinite, optimizer_steps, fp16_skipped, grad_norms = 0, 0, 0, []
@@ -145,13 +76,15 @@ def policy_update(unet, scheduler, optimizer, accelerator, params: list, rollout
                 end = min(j + chunk, steps_per_sample)
                 sync = last_of_step and end == steps_per_sample
                 with (contextlib.nullcontext() if sync else accelerator.no_sync(unet)), accelerator.autocast():
-                    if t.algorithm in _DDPO_LOSSES:
-                        loss, per_step = _ddpo_chunk_loss(unet, scheduler, rollout, idx, step_orders[idx, j:end],
-                                                          weights, config)
+                    if t.algorithm in DDPO_LOSSES:
+                        loss, per_step = ddpo_chunk_loss(unet, family, rollout, idx, step_orders[idx, j:end],
+                                                         weights, config)
                     else:
                         seeds = [derive_seed(config.seed, epoch, inner, int(g), j, "rwr")
                                  for g in rollout.global_index[idx]]
-                        loss, *stats = _rwr_step_loss(unet, scheduler, rollout, idx, seeds, weights)
+                        old = start_params if optimizer_steps > 0 else None
+                        loss, *stats = forward_noising_loss(unet, family, rollout, idx, seeds, weights, config,
+                                                            old, params)
                         per_step = [(loss, *stats)]
                     accelerator.backward(loss / accumulation)
                 for values in per_step:  # per timestep, as with one call per step: same means, same checks
@@ -179,7 +112,7 @@ def policy_update(unet, scheduler, optimizer, accelerator, params: list, rollout
     if nonfinite:
         logger.warning("epoch %d: skipped %d of %d optimizer steps whose loss or gradient was NaN/inf "
                        "(train.on_nonfinite=skip)", epoch + 1, nonfinite, optimizer_steps)
-    ddpo = t.algorithm in _DDPO_LOSSES  # RWR has no importance ratio: None ("not applicable"), not NaN
+    ddpo = t.algorithm in DDPO_LOSSES  # RWR has no importance ratio: None ("not applicable"), not NaN
     return {"loss": _mean(accelerator, kept["loss"]), "approx_kl": _mean(accelerator, kept["kl"]) if ddpo else None,
             "clipfrac": _mean(accelerator, kept["clipfrac"]) if ddpo else None,
             **({"kl_ref": _mean(accelerator, kept["kl_ref"])} if ddpo and t.kl_coef > 0 else {}),
@@ -229,7 +162,9 @@ def _diagnosis(problem: str, epoch: int, step: int, params: list, rollout: Rollo
                config) -> str:
     """One message: where training diverged, the likely cause from what is non-finite, and what to change."""
     t = config.train
-    if t.algorithm in _DDPO_LOSSES and not bool(torch.isfinite(rollout.trajectories.log_probs).all()):
+    log_probs = rollout.trajectories.log_probs  # NaN marks a step outside the SDE window: only inf is broken there
+    broken = torch.isinf(log_probs) if config.sample.sde_window else ~torch.isfinite(log_probs)
+    if t.algorithm in DDPO_LOSSES and bool(broken.any()):
         cause = ("the log-probabilities recorded while sampling are NaN/inf: a denoising step of the scheduler has "
                  "std 0 or a NaN (check the scheduler config, e.g. its beta schedule)")
     elif not bool(torch.isfinite(weights).all()):

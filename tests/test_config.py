@@ -62,7 +62,7 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
     (["trian.x=1"], r"unknown key trian \(did you mean train\?\); valid keys in the top level"),
     (["train.zzz=1"], r"unknown key train.zzz; valid keys in train"),  # nothing close: no suggestion
     (["train.num epochs=1"], r"unknown key train.'num epochs' \(did you mean train.num_epochs\?\)"),
-    (["train.algorithm=ppo"], r"train.algorithm='ppo' is not valid; choose one of: ddpo_is, ddpo_sf, rwr, rwr_sparse"),
+    (["train.algorithm=ppo"], r"train.algorithm='ppo' is not valid; choose one of: ddpo_is, ddpo_sf, grpo, rwr, rwr_sparse, nft"),
     (["model.use_lora=maybe"], r"model.use_lora must be of type bool"),
     (["sample.eta=0"], r"needs a stochastic policy"),
     (["sample.batch_size=3", "sample.num_batches_per_epoch=1"], r"3 samples per process is not divisible by train.batch_size=2"),

@@ -57,14 +57,14 @@ def test_evaluation_is_the_same_on_one_and_on_two_processes():
 
     from ddpo.reward_pool import RewardPool
     from ddpo.rollout import evaluate
-    from ddpo.tiny import build_tiny_pipeline
+    from ddpo.families import load_family
 
     config = load_config("tiny_cpu", ["prompts.eval_every=1", "prompts.eval_split=all", "prompts.eval_num_prompts=5"])
-    pipe, grammar = build_tiny_pipeline(), load_grammar("simple_animals")
+    family, grammar = load_family("tiny-random"), load_grammar("simple_animals")
     pool = RewardPool("rewards_for_tests:brightness", {}, "inline")
     try:
         def run(rank, world):
-            return evaluate(pipe, pipe.unet, grammar, pool, config, rank, world, torch.device("cpu"), nullcontext)
+            return evaluate(family, family.denoiser, grammar, pool, config, rank, world, torch.device("cpu"), nullcontext)
 
         one, first, second = run(0, 1), run(0, 2), run(1, 2)
     finally:

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from ddpo.config import ConfigError, load_config, optimizer_steps_per_epoch
+from ddpo.config import ConfigError, load_config
+from ddpo.validation import optimizer_steps_per_epoch
 from ddpo.metrics import read_metrics
 from ddpo.trainer import train
 
@@ -22,7 +23,7 @@ def test_every_ddpo_is_preset_takes_two_or_more_steps_and_says_how_many(name):
     steps = optimizer_steps_per_epoch(config)
     assert steps >= 2, f"{name}: {steps} optimizer step per epoch: every importance ratio is 1, the clip never acts"
     text = (CONFIGS / f"{name}.yaml").read_text()
-    assert name == "tiny_cpu" or f"{steps} optimizer steps per epoch" in text
+    assert name.startswith("tiny_") or f"{steps} optimizer steps per epoch" in text  # smoke presets: no claims
 
 
 def test_ddpo_sf_refuses_more_than_one_step_per_epoch():

@@ -8,7 +8,11 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from ddpo.pipeline import ModelLoadError, load_pipeline
+from ddpo.families import ModelLoadError, load_family
+
+
+def load_pipeline(name):
+    return load_family(name).pipe
 from ddpo.tiny import save_tiny_pipeline
 
 

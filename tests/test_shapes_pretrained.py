@@ -51,9 +51,10 @@ def test_pipeline_generates_world_images_that_the_evaluator_reads(pipe):
 
 def test_base_model_draws_common_pairs_right_and_rare_pairs_wrong(pipe):
     """The premise of the default `ddpo train`: measured with the independent evaluator on fixed seeds."""
+    from ddpo.families.sd import SDFamily
     from ddpo.shapes.evaluate import evaluate_pipeline
 
-    result = evaluate_pipeline(pipe, per_pair=6, seed=2)  # 144 images at the training configs' sampler
+    result = evaluate_pipeline(SDFamily(pipe), per_pair=6, seed=2)  # 144 images at the training configs' sampler
     # Measured at 16 per pair (docs/shapes.md): common 93%, rare 40-43%; 6 per pair is noisier, hence the margins.
     assert result["common_accuracy"] >= 0.8, result["per_pair"]
     assert result["rare_accuracy"] <= min(0.6, result["common_accuracy"] - 0.3), result["per_pair"]

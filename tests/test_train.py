@@ -66,7 +66,7 @@ def test_lora_checkpoint_loads_in_diffusers(tmp_path, tiny_sd_path):
     run_dir = run(tmp_path, f"model.pretrained={tiny_sd_path}", "train.num_epochs=1", "train.learning_rate=0.1")
     base = generate_images(load_for_inference(str(tiny_sd_path)), ["a cat"] * 2, seed=0, num_steps=4)
     tuned_pipe = load_for_inference(str(tiny_sd_path), str(run_dir))  # diffusers' load_lora_weights
-    assert tuned_pipe.unet.peft_config  # the adapter was attached
+    assert tuned_pipe.denoiser.peft_config  # the adapter was attached
     tuned = generate_images(tuned_pipe, ["a cat"] * 2, seed=0, num_steps=4)
     again = generate_images(tuned_pipe, ["a cat"] * 2, seed=0, num_steps=4)
     assert torch.equal(tuned, again)  # same seeds, same images
@@ -121,14 +121,14 @@ def test_images_per_prompt_samples_each_prompt_in_a_group_with_different_noise()
 
     from ddpo.reward_pool import RewardPool
     from ddpo.rollout import collect_rollout
-    from ddpo.tiny import build_tiny_pipeline
+    from ddpo.families import load_family
     from prompts import load_grammar
 
     config = load_config("tiny_cpu", ["sample.batch_size=6", "sample.images_per_prompt=3", "train.batch_size=3"])
-    pipe = build_tiny_pipeline()
+    family = load_family("tiny-random")
     pool = RewardPool("rewards_for_tests:brightness", {}, "inline")
     try:
-        rollout = collect_rollout(pipe, pipe.unet, load_grammar("simple_animals"), pool, config, epoch=0,
+        rollout = collect_rollout(family, family.denoiser, load_grammar("simple_animals"), pool, config, epoch=0,
                                   process_index=0, num_processes=1, device=torch.device("cpu"), autocast=nullcontext,
                                   progress=False)
     finally:

@@ -61,23 +61,28 @@ def test_wandb_without_the_package_fails_before_the_model_loads(tmp_path):
 
 
 def test_reference_prediction_turns_lora_off_and_back_on():
-    from ddpo.pipeline import prepare_unet
-    from ddpo.sampler import predict_noise
-    from ddpo.tiny import build_tiny_pipeline
-    from ddpo.update import _reference_noise
+    from ddpo.families import Cond, load_family
+    from ddpo.objectives import adapters_off
+    from ddpo.pipeline import prepare_denoiser
 
-    pipe = build_tiny_pipeline()
+    family = load_family("tiny-random")
+    pipe = family.pipe
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([500, 500])
-    cond, uncond = torch.randn(2, 77, 16), torch.randn(2, 77, 16)
+    cond, uncond = Cond(embeds=torch.randn(2, 77, 16)), Cond(embeds=torch.randn(2, 77, 16))
+
+    def predict_noise(model, *args):
+        return family.predict(model, *args)
+
     base = predict_noise(pipe.unet, x, t, cond, uncond, 2.0)
-    params = prepare_unet(pipe.unet, use_lora=True, rank=2, alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+    params = prepare_denoiser(pipe.unet, use_lora=True, rank=2, alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
                           gradient_checkpointing=False, attention="sdpa")
     with torch.no_grad():
         for p in params:
             p.add_(0.5)  # LoRA B starts at zero: move it so the adapted model differs
     tuned = predict_noise(pipe.unet, x, t, cond, uncond, 2.0)
     assert not torch.allclose(tuned, base, atol=1e-4)
-    torch.testing.assert_close(_reference_noise(pipe.unet, x, t, cond, uncond, 2.0), base)
+    with adapters_off(pipe.unet) as reference:
+        torch.testing.assert_close(predict_noise(reference, x, t, cond, uncond, 2.0), base)
     torch.testing.assert_close(predict_noise(pipe.unet, x, t, cond, uncond, 2.0), tuned)  # adapters back on
 
 

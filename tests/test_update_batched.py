@@ -27,28 +27,29 @@ class _RecordingOptimizer:
 def setup():
     """A tiny LoRA policy, perturbed after sampling (ratios != 1, KL to the reference > 0), and its rollout."""
     from ddpo.rollout import Rollout
-    from ddpo.sampler import encode_prompts, sample_trajectories
+    from ddpo.sampler import sample_trajectories
     from ddpo.trainer import build_policy
 
     torch.manual_seed(0)
     config = load_config("tiny_cpu")
-    pipe, params = build_policy(config, torch.device("cpu"))
+    family, params = build_policy(config, torch.device("cpu"))
+    pipe = family.pipe
     prompts = ["a cat", "a dog", "a red fox", "an owl"]
-    embeds = encode_prompts(pipe, prompts, torch.device("cpu"))
-    negative = encode_prompts(pipe, [""] * len(prompts), torch.device("cpu"))
-    traj = sample_trajectories(pipe, pipe.unet, embeds, negative, num_steps=STEPS, guidance_scale=3.0, eta=1.0,
+    embeds = family.encode(prompts, torch.device("cpu"))
+    negative = family.encode([""] * len(prompts), torch.device("cpu"))
+    traj = sample_trajectories(family, pipe.unet, embeds, negative, num_steps=STEPS, guidance_scale=3.0, eta=1.0,
                                generator=torch.Generator().manual_seed(0))
     n = len(prompts)
     pipe.unet.double()  # float64 (params keep their identity): differences of summation order vanish below 1e-6
-    traj = traj._replace(**{f: getattr(traj, f).double() for f in ("latents", "log_probs", "prompt_embeds",
-                                                                    "negative_embeds")})
+    traj = traj._replace(latents=traj.latents.double(), log_probs=traj.log_probs.double(),
+                         cond=traj.cond.map(torch.Tensor.double), negative=traj.negative.map(torch.Tensor.double))
     rollout = Rollout(traj, prompts, [{}] * n, torch.arange(n), np.zeros(n, np.float32), np.ones(n, bool), {}, 0.0, 0.0)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in params:
             p.add_(0.03 * torch.randn(p.shape, generator=generator))
     weights = torch.randn(n, generator=generator)
-    return pipe, params, rollout, weights
+    return family, params, rollout, weights
 
 
 def _update(setup, *overrides):
@@ -57,12 +58,13 @@ def _update(setup, *overrides):
 
     from ddpo.update import policy_update
 
-    pipe, params, rollout, weights = setup
+    family, params, rollout, weights = setup
+    pipe = family.pipe
     # No gradient clipping (a factor of 1.0 changes nothing); a clip range that clips some samples, not all.
     config = load_config("tiny_cpu", ["train.max_grad_norm=1e12", "train.clip_range=3e-3", *overrides])
     optimizer = _RecordingOptimizer(params)
     pipe.unet.train()
-    stats = policy_update(pipe.unet, pipe.scheduler, optimizer, Accelerator(cpu=True), params, rollout, weights,
+    stats = policy_update(pipe.unet, family, optimizer, Accelerator(cpu=True), params, rollout, weights,
                           config, epoch=0, progress=False)
     return optimizer.steps, stats
 
@@ -97,16 +99,15 @@ def test_timesteps_per_call_gives_the_gradient_and_statistics_of_one_call_per_st
 
 def test_each_call_takes_the_same_steps_per_sample(setup, monkeypatch):
     """A chunk holds each sample's next steps in its own random order; all of them, once, with fraction < 1."""
-    import ddpo.update
-
+    family = setup[0]
     calls = []
-    real = ddpo.update.predict_noise
+    real = family.predict
 
     def spy(unet, latents, timesteps, *args):
         calls.append(timesteps.clone())
         return real(unet, latents, timesteps, *args)
 
-    monkeypatch.setattr(ddpo.update, "predict_noise", spy)
+    monkeypatch.setattr(family, "predict", spy)
     trained = {}
     for k in (1, 2, STEPS):
         calls.clear()

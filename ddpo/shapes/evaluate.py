@@ -34,28 +34,29 @@ def all_pairs() -> list[tuple[str, str]]:
 
 
 def load_pipeline(model: str = "shapes", lora: str | Path | None = None):
-    """The pipeline, with a `ddpo train` checkpoint applied if given (through the trainer's own loader)."""
+    """The model (its family, ddpo/families), with a `ddpo train` checkpoint applied if given (through the
+    trainer's own loader)."""
     from ddpo.generate import load_for_inference
 
     return load_for_inference(model, str(lora) if lora else None, device="cpu")
 
 
-def generate(pipe, triples: list[tuple[str, str, str]], seed: int, steps: int, guidance: float, eta: float):
+def generate(family, triples: list[tuple[str, str, str]], seed: int, steps: int, guidance: float, eta: float):
     """Images (N, 64, 64, 3) uint8 for the given (color, shape, background) triples, one batch, one seed."""
     import torch
 
-    from ddpo.sampler import encode_prompts, sample_trajectories
+    from ddpo.sampler import sample_trajectories
 
-    device = pipe.unet.device
+    device = family.device
     with torch.no_grad():
-        embeds = encode_prompts(pipe, [caption(*t) for t in triples], device)
-        negative = encode_prompts(pipe, [""], device).expand(len(triples), -1, -1)
-        traj = sample_trajectories(pipe, pipe.unet, embeds, negative, num_steps=steps, guidance_scale=guidance,
+        embeds = family.encode([caption(*t) for t in triples], device)
+        negative = family.encode([""], device).expand(len(triples))
+        traj = sample_trajectories(family, family.denoiser, embeds, negative, num_steps=steps, guidance_scale=guidance,
                                    eta=eta, generator=torch.Generator().manual_seed(seed))
     return (traj.images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
 
 
-def evaluate_pipeline(pipe, per_pair: int = 16, steps: int = EVAL_STEPS, guidance: float = EVAL_GUIDANCE,
+def evaluate_pipeline(family, per_pair: int = 16, steps: int = EVAL_STEPS, guidance: float = EVAL_GUIDANCE,
                       eta: float = EVAL_ETA, seed: int = 0, pairs: list[tuple[str, str]] | None = None,
                       grid_path: Path | None = None) -> dict[str, Any]:
     """Accuracy (all three attributes right) on common and rare pairs, plus per-attribute and per-pair rates."""
@@ -67,7 +68,7 @@ def evaluate_pipeline(pipe, per_pair: int = 16, steps: int = EVAL_STEPS, guidanc
         if (color, shape) not in pairs:
             continue
         triples = eval_prompts(color, shape, per_pair)
-        images = generate(pipe, triples, seed * 1000 + k, steps, guidance, eta)
+        images = generate(family, triples, seed * 1000 + k, steps, guidance, eta)
         seen = [analyse(im) for im in images]
         per_pair_acc[f"{color} {shape}"] = float(np.mean([s[:3] == t for s, t in zip(seen, triples)]))
         for s, t in zip(seen, triples):
