@@ -7,7 +7,7 @@
 | `sd3`  | StableDiffusion3Pipeline   | SD3Transformer2DModel   | flow matching, Flow-GRPO SDE              |
 | `flux` | FluxPipeline               | FluxTransformer2DModel  | flow matching, Flow-GRPO SDE              |
 
-`load_family(name)` takes a local folder, a hub id, "shapes" (shipped with ddpo) or a tiny random pipeline built in
+`load_family(name)` takes a local folder, a hub id, "shapes" or "shapes-flow" (shipped with ddpo) or a tiny random pipeline built in
 code ("tiny-random" for sd, "tiny-random-sdxl", "tiny-random-sd3", "tiny-random-flux"), for tests and smoke runs.
 """
 
@@ -91,12 +91,12 @@ def load_family(name: str, revision: str | None = None) -> Family:
 
 
 def resolve(name: str) -> str:
-    """"shapes" -> the shipped folder; a local path is checked for model_index.json; anything else is a hub id."""
-    if name == "shapes":
-        from ddpo.shapes import pipeline_path
+    """"shapes", "shapes-flow" -> the shipped folders; a local path is checked for model_index.json; anything else is a hub id."""
+    if name in ("shapes", "shapes-flow"):
+        from ddpo.shapes import flow_pipeline_path, pipeline_path
 
         try:
-            return str(pipeline_path())
+            return str(pipeline_path() if name == "shapes" else flow_pipeline_path())
         except FileNotFoundError as err:  # missing or corrupt shipped weights: the message says how to rebuild
             raise ModelLoadError(str(err)) from None
     path = Path(name).expanduser()

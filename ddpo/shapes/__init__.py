@@ -59,6 +59,12 @@ def pipeline_path(root: Path = PRETRAINED_DIR) -> Path:
     return root / "pipeline"
 
 
+def flow_pipeline_path(root: Path = PRETRAINED_DIR) -> Path:
+    """The shipped StableDiffusion3Pipeline folder (`model.pretrained: shapes-flow`), verified against the manifest."""
+    verify(root, "flow_pipeline")
+    return root / "flow_pipeline"
+
+
 def captioner_path(root: Path = PRETRAINED_DIR) -> Path:
     """The shipped captioner folder (config.json + model.safetensors), verified against the manifest."""
     verify(root, "captioner")
