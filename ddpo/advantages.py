@@ -65,12 +65,15 @@ def batch_advantages(rewards: np.ndarray) -> np.ndarray:
     return ((rewards - rewards.mean()) / (rewards.std() + _EPS)).astype(np.float32)
 
 
-def group_relative_advantages(rewards: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """GRPO: each reward against its own group only, (r - mean_g) / (std_g + eps), no running statistics
-    (Flow-GRPO). rewards: (B,); groups: (B,) int group ids -> (B,) float32."""
+def group_relative_advantages(rewards: np.ndarray, groups: np.ndarray, std: str = "group") -> np.ndarray:
+    """GRPO: each reward against its own group's mean, no running statistics (Flow-GRPO): (r - mean_g) / (s + eps)
+    with s the group's std (`std="group"`) or the whole batch's (`"batch"`, Flow-GRPO's `global_std`, which keeps a
+    group whose images all score alike from blowing up tiny differences). rewards: (B,); groups: (B,) int group
+    ids -> (B,) float32."""
     rewards, groups = np.asarray(rewards, dtype=np.float64), np.asarray(groups)
     advantages = np.empty(len(rewards), dtype=np.float64)
     for group in np.unique(groups):
         members = groups == group
-        advantages[members] = (rewards[members] - rewards[members].mean()) / (rewards[members].std() + _EPS)
+        scale = rewards[members].std() if std == "group" else rewards.std()
+        advantages[members] = (rewards[members] - rewards[members].mean()) / (scale + _EPS)
     return advantages.astype(np.float32)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ddpo import checkpoint as ckpt
+from ddpo import sharding
 from ddpo.advantages import PerPromptStatTracker, batch_advantages, group_advantages, group_relative_advantages
 from ddpo.config import Config, ConfigError, config_from_file, save_config
 from ddpo.losses import NonFiniteError
@@ -55,9 +56,10 @@ def make_accelerator(config: Config, run_dir: Path):
 
     trackers = [name for name, on in (("tensorboard", config.logging.tensorboard and _has_tensorboard()),
                                       ("wandb", config.logging.wandb)) if on]
-    accelerator = Accelerator(mixed_precision=config.model.mixed_precision, log_with=trackers or None,
-                              cpu=not torch.cuda.is_available(),
-                              project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)))
+    with sharding.plain_accelerate_env():  # under FSDP ddpo shards the denoiser itself (ddpo/sharding.py)
+        accelerator = Accelerator(mixed_precision=config.model.mixed_precision, log_with=trackers or None,
+                                  cpu=not torch.cuda.is_available(),
+                                  project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)))
     if config.model.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -92,7 +94,8 @@ def build_policy(config: Config, device: torch.device):
     frozen = {} if dtype == torch.float32 else {"dtype": dtype}
     for module in family.frozen_modules():
         module.to(device, **frozen).requires_grad_(False)
-    family.denoiser.to(device, **(frozen if m.use_lora else {}))
+    # Sharded: the full denoiser stays on the CPU; fully_shard moves only each process's shard to `device`.
+    family.denoiser.to("cpu" if sharding.requested() else device, **(frozen if m.use_lora else {}))
     torch.manual_seed(config.seed)  # identical LoRA initialisation on every process
     params = prepare_denoiser(family.denoiser, use_lora=m.use_lora, rank=m.lora_rank, alpha=m.lora_alpha,
                               target_modules=m.lora_target_modules, gradient_checkpointing=m.gradient_checkpointing,
@@ -130,7 +133,7 @@ def compute_weights(accelerator, rollout: Rollout, tracker: PerPromptStatTracker
     advantages = np.zeros_like(rewards)
     groups = np.sort(np.asarray(index))[valid] // config.sample.images_per_prompt  # a group's images are adjacent
     if valid.any() and config.train.algorithm == "grpo":
-        advantages[valid] = group_relative_advantages(rewards[valid], groups)
+        advantages[valid] = group_relative_advantages(rewards[valid], groups, config.train.group_std)
     elif valid.any() and tracker is not None and config.sample.images_per_prompt > 1:
         advantages[valid] = group_advantages(tracker, kept, rewards[valid], groups)  # each group by itself
     elif valid.any():
@@ -170,8 +173,14 @@ def train(config: Config, resume: str | None = None) -> Path:
     try:
         family, params = build_policy(config, accelerator.device)
         _warn_long_prompts(grammar, config, family.tokenizers()[0])
+        if sharding.requested():  # FSDP (ddpo/sharding.py): the optimizer holds the sharded parameters
+            sharding.check_evaluation(grammar, config, accelerator.num_processes)
+            params = sharding.shard_denoiser(family.denoiser, accelerator.device, config.model.mixed_precision)
         optimizer = make_optimizer(config, params)
-        unet, optimizer = accelerator.prepare(family.denoiser, optimizer)
+        if sharding.is_sharded(family.denoiser):  # not wrapped in DDP: FSDP reduces the gradients
+            unet, optimizer = family.denoiser, accelerator.prepare(optimizer)
+        else:
+            unet, optimizer = accelerator.prepare(family.denoiser, optimizer)
         tracker = (PerPromptStatTracker(config.train.stat_buffer_size, config.train.stat_min_count)
                    if config.train.per_prompt_stat_tracking else None)
         start_epoch = (_restore(resume_from, accelerator, family, unet, optimizer, tracker, config)
@@ -299,30 +308,40 @@ def _save_grid(rollout: Rollout, path: Path, max_images: int = 16) -> None:
 def _save(run_dir, epoch, accelerator, family, unet, optimizer, params, tracker, config) -> None:
     """Every process enters (the reference DDPO hung when only one did); the main process writes.
 
-    Every process checks the weights first (they are identical on all), so a refusal raises everywhere."""
+    Every process checks the weights first (identical on all, or under FSDP each its shard, agreed by all), so a
+    refusal raises everywhere. Under FSDP every process also takes part in gathering weights and optimizer state."""
     accelerator.wait_for_everyone()
     _check_finite_state(params, optimizer, epoch)
+    policy = accelerator.unwrap_model(unet) if unet is not None else None
+    gathered = optimizer_state = None
+    if sharding.is_sharded(policy):
+        keep = accelerator.is_main_process
+        gathered = sharding.gather_state_dict(policy, trainable_only=config.model.use_lora, keep=keep)
+        optimizer_state = sharding.gather_optimizer_state(optimizer, keep=keep)
     if accelerator.is_main_process:
         done = epoch + 1
         state = {"epoch": done, "epochs_done": done, "num_processes": accelerator.num_processes, "rng": ckpt.rng_state(),
                  "stat_tracker": tracker.state_dict() if tracker is not None else None,
                  "grad_scaler": grad_scaler_state(accelerator)}
-        policy = accelerator.unwrap_model(unet)
         with _signals_deferred():
             ckpt.write_checkpoint(run_dir, done,
                                   weights_writer=lambda folder: save_trained_weights(family, policy, folder,
-                                                                                     config.model.use_lora),
-                                  optimizer_state=optimizer.state_dict(), trainer_state=state, config=config,
+                                                                                     config.model.use_lora, gathered),
+                                  optimizer_state=optimizer_state if optimizer_state is not None
+                                  else optimizer.state_dict(), trainer_state=state, config=config,
                                   keep_last=config.logging.keep_last)
     accelerator.wait_for_everyone()
 
 
 def _check_finite_state(params: list, optimizer, epoch: int) -> None:
-    """Refuse to save NaN/inf trained weights or optimizer moments (resuming from them could never recover)."""
-    bad = sum(not bool(torch.isfinite(p.detach()).all()) for p in params)
+    """Refuse to save NaN/inf trained weights or optimizer moments (resuming from them could never recover).
+    Sharded (DTensors): each process checks its rows and all agree on the counts."""
     moments = [v for state in optimizer.state.values() for v in state.values()
                if torch.is_tensor(v) and v.is_floating_point()]
-    bad_moments = sum(not bool(torch.isfinite(v).all()) for v in moments)
+    flags = [int(not bool(torch.isfinite(sharding.local(t.detach())).all())) for t in [*params, *moments]]
+    if any(sharding.is_dtensor(p) for p in params):
+        flags = sharding.all_sum(flags)
+    bad, bad_moments = sum(f > 0 for f in flags[:len(params)]), sum(f > 0 for f in flags[len(params):])
     if bad or bad_moments:
         raise NonFiniteError(f"not saving epoch {epoch + 1}'s checkpoint: {bad} of {len(params)} trained weight tensors "
                              f"and {bad_moments} of {len(moments)} optimizer tensors hold NaN/inf (earlier checkpoints "
@@ -355,8 +374,12 @@ def _restore(folder: Path, accelerator, family, unet, optimizer, tracker, config
     The optimizer's hyperparameters and the stat tracker's sizes come from `config`, not the checkpoint:
     `--resume RUN train.learning_rate=X` trains at X, as the run's config.yaml then says."""
     state = ckpt.read_trainer_state(folder)
-    load_trained_weights(family, accelerator.unwrap_model(unet), folder, config.model.use_lora)
-    optimizer.load_state_dict(ckpt.read_optimizer_state(folder))
+    policy = accelerator.unwrap_model(unet)
+    load_trained_weights(family, policy, folder, config.model.use_lora)
+    optimizer_state = ckpt.read_optimizer_state(folder)  # full tensors, whether or not the run that wrote it sharded
+    if sharding.is_sharded(policy):
+        optimizer_state = sharding.shard_optimizer_state(optimizer, optimizer_state)
+    optimizer.load_state_dict(optimizer_state)
     _apply_optimizer_settings(optimizer, config)
     if tracker is not None and state.get("stat_tracker"):
         # The saved buffers with this config's sizes (a smaller buffer keeps each prompt's newest rewards).

@@ -13,7 +13,7 @@ from ddpo.checkpoint import list_checkpoints
 from ddpo.metrics import read_metrics
 from localhost import free_port
 
-COMMON = ["tiny_cpu", "train.num_epochs=2", "sample.batch_size=2", "train.batch_size=2", "train.learning_rate=1e-2",
+COMMON = ["train.num_epochs=2", "sample.batch_size=2", "train.batch_size=2", "train.learning_rate=1e-2",
           "reward.name=rewards_for_tests:brightness", "prompts.eval_every=1", "prompts.eval_split=all",
           "prompts.eval_num_prompts=5"]
 
@@ -28,13 +28,14 @@ def launch(nproc: int, *args):
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("preset", ["tiny_cpu", "tiny_sd3", "tiny_flux", "tiny_sdxl"])  # every model family
+def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, preset):
     # 1 process: 2 batches of 2, both micro-batches accumulated into one step.
-    one = launch(1, *COMMON, "sample.num_batches_per_epoch=2", "train.gradient_accumulation_steps=2",
+    one = launch(1, preset, *COMMON, "sample.num_batches_per_epoch=2", "train.gradient_accumulation_steps=2",
                  f"logging.output_dir={tmp_path}", "logging.run_name=one")
     assert one.returncode == 0, one.stderr[-3000:]
     # 2 processes: 1 batch of 2 each; DDP averages their gradients.
-    two = launch(2, *COMMON, "sample.num_batches_per_epoch=1", "train.gradient_accumulation_steps=1",
+    two = launch(2, preset, *COMMON, "sample.num_batches_per_epoch=1", "train.gradient_accumulation_steps=1",
                  f"logging.output_dir={tmp_path}", "logging.run_name=two")
     assert two.returncode == 0, two.stderr[-3000:]
     rows_one, rows_two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
@@ -49,4 +50,4 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     initial = load_file(list_checkpoints(tmp_path / "one")[0] / "pytorch_lora_weights.safetensors")
     assert any(not torch.equal(weights_one[k], initial[k]) for k in initial)
     for key in weights_one:
-        torch.testing.assert_close(weights_two[key], weights_one[key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(weights_two[key], weights_one[key], rtol=1e-4, atol=5e-6)  # summation order

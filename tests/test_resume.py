@@ -12,7 +12,9 @@ from safetensors.torch import load_file
 from ddpo.checkpoint import list_checkpoints
 from ddpo.metrics import read_metrics
 
-ARGS = ["tiny_cpu", "train.num_epochs=4", "sample.num_steps=6", "sample.num_batches_per_epoch=3",
+import pytest
+
+ARGS = ["train.num_epochs=4", "sample.num_steps=6", "sample.num_batches_per_epoch=3",
         "train.batch_size=2", "train.num_inner_epochs=2", "logging.keep_last=2"]
 
 
@@ -22,9 +24,10 @@ def ddpo_train(*args):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
-    straight = ddpo_train(*ARGS, f"logging.output_dir={tmp_path}", "logging.run_name=straight")
-    killed = ddpo_train(*ARGS, f"logging.output_dir={tmp_path}", "logging.run_name=killed")
+@pytest.mark.parametrize("preset", ["tiny_cpu", "tiny_sd3", "tiny_flux", "tiny_sdxl"])  # every model family
+def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path, preset):
+    straight = ddpo_train(preset, *ARGS, f"logging.output_dir={tmp_path}", "logging.run_name=straight")
+    killed = ddpo_train(preset, *ARGS, f"logging.output_dir={tmp_path}", "logging.run_name=killed")
     run_dir = tmp_path / "killed"
     deadline = time.time() + 120
     while not list_checkpoints(run_dir) and time.time() < deadline and killed.poll() is None:
