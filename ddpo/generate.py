@@ -116,7 +116,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--guidance", type=float, default=None,
                         help=f"CFG scale, >= 1; 1 turns guidance off (default: the checkpoint's; without --lora "
                              f"{shapes[1]:g} for shapes, else {DEFAULT_GUIDANCE:g})")
-    parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta >= 0: 1 as in training, 0 deterministic")
+    parser.add_argument("--eta", type=float, default=1.0,
+                        help="stochasticity >= 0 (DDIM eta, or the flow SDE noise level): 0 is deterministic")
     parser.add_argument("--out", default="generated", help="output folder (default ./generated)")
     parser.add_argument("--quiet", action="store_true", help="print only the image paths")
     args = parser.parse_args(argv)

@@ -51,7 +51,10 @@ def test_run_picker(settings):
 
 def test_model_picker_allows_model_folders_and_hub_ids_only(settings, tmp_path):
     sd = str(tmp_path / "models" / "sd")
-    assert model_choices(settings) == ["shapes", "tiny-random", sd]
+    from ddpo.ui.pickers import BUILTIN_MODELS, _shipped_flow_model
+
+    assert model_choices(settings) == [*BUILTIN_MODELS, *_shipped_flow_model(), sd]
+    assert {"tiny-random-sd3", "tiny-random-flux", "tiny-random-sdxl"} <= set(BUILTIN_MODELS)  # every family
     assert resolve_model(settings, sd) == sd
     assert resolve_model(settings, "org/model-1") == "org/model-1"
     for bad in (str(tmp_path / "models" / "junk"), "/etc", "../models/sd", "a/../b", str(tmp_path)):

@@ -12,7 +12,8 @@ from pathlib import Path
 from ddpo.config import RUN_NAME
 from ddpo.ui.settings import AppSettings, UIError
 
-BUILTIN_MODELS = ("shapes", "tiny-random")
+# The model families' tiny random pipelines (ddpo/families) and the shipped Shapes models (when they verify).
+BUILTIN_MODELS = ("shapes", "tiny-random", "tiny-random-sdxl", "tiny-random-sd3", "tiny-random-flux")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 NO_CHECKPOINT = "(none: base model)"
 
@@ -50,7 +51,18 @@ def _model_folders(settings: AppSettings) -> list[Path]:
 
 
 def model_choices(settings: AppSettings) -> list[str]:
-    return [*BUILTIN_MODELS, *(str(p) for p in _model_folders(settings))]
+    return [*BUILTIN_MODELS, *_shipped_flow_model(), *(str(p) for p in _model_folders(settings))]
+
+
+def _shipped_flow_model() -> list[str]:
+    """["shapes-flow"] if the shipped Shapes flow model verifies against its manifest, else []."""
+    try:
+        from ddpo.shapes import flow_pipeline_path
+
+        flow_pipeline_path()
+        return ["shapes-flow"]
+    except Exception:  # not shipped yet, missing or corrupt: not offered
+        return []
 
 
 def resolve_model(settings: AppSettings, label: str | None) -> str:
