@@ -42,9 +42,9 @@ def unet_floor(model: str, config) -> tuple[float, float]:
 
     from ddpo.trainer import build_policy
 
-    pipe, params = build_policy(config, torch.device("cpu"))
+    family, params = build_policy(config, torch.device("cpu"))
     s, t = config.sample, config.train
-    unet = pipe.unet
+    unet = family.denoiser
     latents = torch.randn(2 * s.batch_size, 4, BENCH["sample_size"], BENCH["sample_size"])
     embeds = torch.randn(2 * s.batch_size, 77, BENCH["cross_attention_dim"])
     timesteps = torch.full((2 * s.batch_size,), 500)
