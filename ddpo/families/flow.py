@@ -41,6 +41,18 @@ class FlowFamily(Family):
     def _schedule_kwargs(self, num_steps: int) -> dict[str, Any]:
         return {}
 
+    def _dynamic_shift(self, seq_len: int, max_shift: float) -> dict[str, Any]:
+        """{"mu": shift} for a scheduler with resolution-dependent shifting (its pipeline's `calculate_shift` of the
+        image's token count; `max_shift` is the pipeline's default), else {}."""
+        config = self.pipe.scheduler.config
+        if not config.get("use_dynamic_shifting", False):
+            return {}
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        return {"mu": calculate_shift(seq_len, config.get("base_image_seq_len", 256),
+                                      config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                      config.get("max_shift", max_shift))}
+
     def set_steps(self, num_steps: int, device: torch.device | str = "cpu") -> None:
         scheduler = self.pipe.scheduler
         scheduler.set_timesteps(device=device, **self._schedule_kwargs(num_steps))
@@ -102,17 +114,9 @@ class SD3Family(FlowFamily):
         return int(self.pipe.transformer.config.sample_size) * self.pipe.vae_scale_factor
 
     def _schedule_kwargs(self, num_steps: int) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"num_inference_steps": num_steps}
-        config = self.pipe.scheduler.config
-        if config.get("use_dynamic_shifting", False):  # as StableDiffusion3Pipeline does
-            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-
-            patch = self.pipe.transformer.config.patch_size
-            seq_len = (self.resolution // self.pipe.vae_scale_factor // patch) ** 2
-            kwargs["mu"] = calculate_shift(seq_len, config.get("base_image_seq_len", 256),
-                                           config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                                           config.get("max_shift", 1.16))
-        return kwargs
+        patch = self.pipe.transformer.config.patch_size
+        seq_len = (self.resolution // self.pipe.vae_scale_factor // patch) ** 2
+        return {"num_inference_steps": num_steps, **self._dynamic_shift(seq_len, max_shift=1.16)}  # as SD3's pipeline
 
     @torch.no_grad()
     def encode(self, prompts: list[str], device: torch.device) -> Cond:
@@ -159,16 +163,9 @@ class FluxFamily(FlowFamily):
         return 2 * (self.resolution // (self.pipe.vae_scale_factor * 2))
 
     def _schedule_kwargs(self, num_steps: int) -> dict[str, Any]:
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        config = self.pipe.scheduler.config
-        kwargs: dict[str, Any] = {"sigmas": np.linspace(1.0, 1 / num_steps, num_steps)}  # as FluxPipeline does
-        if config.get("use_dynamic_shifting", False):
-            seq_len = (self._latent_side() // 2) ** 2
-            kwargs["mu"] = calculate_shift(seq_len, config.get("base_image_seq_len", 256),
-                                           config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                                           config.get("max_shift", 1.15))
-        return kwargs
+        seq_len = (self._latent_side() // 2) ** 2
+        return {"sigmas": np.linspace(1.0, 1 / num_steps, num_steps),  # as FluxPipeline does
+                **self._dynamic_shift(seq_len, max_shift=1.15)}
 
     @torch.no_grad()
     def encode(self, prompts: list[str], device: torch.device) -> Cond:
