@@ -52,23 +52,34 @@ def _enable_xformers(model: Any) -> None:
     model.enable_xformers_memory_efficient_attention()
 
 
-def save_trained_weights(family, model: Any, folder: Path, use_lora: bool) -> None:
+def save_trained_weights(family, model: Any, folder: Path, use_lora: bool, gathered: dict | None = None) -> None:
     """LoRA -> `pytorch_lora_weights.safetensors` (diffusers format, `pipe.load_lora_weights(folder)` loads it);
-    full finetuning -> a `unet/` or `transformer/` folder (the family's denoiser)."""
-    if not use_lora:
-        model.save_pretrained(folder / family.denoiser_attr, safe_serialization=True)
-        return
-    family.save_lora(model, folder)
+    full finetuning -> a `unet/` or `transformer/` folder (the family's denoiser).
+
+    A denoiser sharded with FSDP (ddpo/sharding.py) writes `gathered`, its full state from
+    `sharding.gather_state_dict`: the same files as an unsharded one."""
+    from ddpo import sharding
+
+    with sharding.full_state_dict_io(model, gathered):
+        if not use_lora:
+            model.save_pretrained(folder / family.denoiser_attr, safe_serialization=True)
+            sharding.fix_saved_class_name(model, folder / family.denoiser_attr)
+            return
+        family.save_lora(model, folder)
 
 
 def load_trained_weights(family, model: Any, folder: Path, use_lora: bool) -> None:
-    """Load weights written by `save_trained_weights` into a denoiser prepared with the same LoRA settings."""
+    """Load weights written by `save_trained_weights` into a denoiser prepared with the same LoRA settings (sharded
+    or not: a sharded one keeps its rows of the full tensors)."""
     from safetensors.torch import load_file
 
-    if not use_lora:
-        state: dict = {}
-        for file in sorted((folder / family.denoiser_attr).glob("*.safetensors")):  # one file, or shards
-            state.update(load_file(file))
-        model.load_state_dict(state, strict=True)
-        return
-    family.load_lora(model, folder)
+    from ddpo import sharding
+
+    with sharding.full_state_dict_io(model, None):
+        if not use_lora:
+            state: dict = {}
+            for file in sorted((folder / family.denoiser_attr).glob("*.safetensors")):  # one file, or shards
+                state.update(load_file(file))
+            model.load_state_dict(state, strict=True)
+            return
+        family.load_lora(model, folder)

@@ -154,7 +154,7 @@ def train(config: Config, resume: str | None = None) -> Path:
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    PartialState(cpu=not torch.cuda.is_available())  # join the process group before agreeing on the run folder
+    processes = PartialState(cpu=not torch.cuda.is_available()).num_processes  # join the process group first
     run_dir = Path(broadcast_object_list([str(resolve_run_dir(config, resume))])[0])
     resume_from = ckpt.find_checkpoint(Path(resume)) if resume else None
     if resume_from is not None:
@@ -165,6 +165,8 @@ def train(config: Config, resume: str | None = None) -> Path:
     grammar = load_grammar(config.prompts.grammar)  # grammar, tracker and reward errors surface before loading
     _check_splits(grammar, config)
     _check_trackers(config)
+    if sharding.requested():  # FSDP (ddpo/sharding.py): refuse what it cannot run before the weights load
+        sharding.check_config(grammar, config, processes)
     accelerator = make_accelerator(config, run_dir)
     is_main = accelerator.is_main_process
     # Bars redraw in place on a terminal; redirected to a file, every redraw would be a line of the log.
@@ -173,14 +175,12 @@ def train(config: Config, resume: str | None = None) -> Path:
     try:
         family, params = build_policy(config, accelerator.device)
         _warn_long_prompts(grammar, config, family.tokenizers()[0])
-        if sharding.requested():  # FSDP (ddpo/sharding.py): the optimizer holds the sharded parameters
-            sharding.check_evaluation(grammar, config, accelerator.num_processes)
-            params = sharding.shard_denoiser(family.denoiser, accelerator.device, config.model.mixed_precision)
+        if sharding.requested():  # the optimizer holds the sharded parameters
+            params = sharding.shard_denoiser(family.denoiser, accelerator.device, config.model.mixed_precision,
+                                             config.model.use_lora)
         optimizer = make_optimizer(config, params)
-        if sharding.is_sharded(family.denoiser):  # not wrapped in DDP: FSDP reduces the gradients
-            unet, optimizer = family.denoiser, accelerator.prepare(optimizer)
-        else:
-            unet, optimizer = accelerator.prepare(family.denoiser, optimizer)
+        unet, optimizer = ((family.denoiser, accelerator.prepare(optimizer)) if sharding.is_sharded(family.denoiser)
+                           else accelerator.prepare(family.denoiser, optimizer))  # FSDP reduces, not DDP
         tracker = (PerPromptStatTracker(config.train.stat_buffer_size, config.train.stat_min_count)
                    if config.train.per_prompt_stat_tracking else None)
         start_epoch = (_restore(resume_from, accelerator, family, unet, optimizer, tracker, config)
@@ -313,11 +313,8 @@ def _save(run_dir, epoch, accelerator, family, unet, optimizer, params, tracker,
     accelerator.wait_for_everyone()
     _check_finite_state(params, optimizer, epoch)
     policy = accelerator.unwrap_model(unet) if unet is not None else None
-    gathered = optimizer_state = None
-    if sharding.is_sharded(policy):
-        keep = accelerator.is_main_process
-        gathered = sharding.gather_state_dict(policy, trainable_only=config.model.use_lora, keep=keep)
-        optimizer_state = sharding.gather_optimizer_state(optimizer, keep=keep)
+    gathered, optimizer_state = sharding.gather_checkpoint(policy, optimizer, config.model.use_lora,
+                                                           accelerator.is_main_process)  # (None, None) unsharded
     if accelerator.is_main_process:
         done = epoch + 1
         state = {"epoch": done, "epochs_done": done, "num_processes": accelerator.num_processes, "rng": ckpt.rng_state(),
@@ -334,14 +331,11 @@ def _save(run_dir, epoch, accelerator, family, unet, optimizer, params, tracker,
 
 
 def _check_finite_state(params: list, optimizer, epoch: int) -> None:
-    """Refuse to save NaN/inf trained weights or optimizer moments (resuming from them could never recover).
-    Sharded (DTensors): each process checks its rows and all agree on the counts."""
+    """Refuse to save NaN/inf trained weights or optimizer moments (resuming from them could never recover)."""
     moments = [v for state in optimizer.state.values() for v in state.values()
                if torch.is_tensor(v) and v.is_floating_point()]
-    flags = [int(not bool(torch.isfinite(sharding.local(t.detach())).all())) for t in [*params, *moments]]
-    if any(sharding.is_dtensor(p) for p in params):
-        flags = sharding.all_sum(flags)
-    bad, bad_moments = sum(f > 0 for f in flags[:len(params)]), sum(f > 0 for f in flags[len(params):])
+    flags = sharding.nonfinite_flags([*params, *moments])  # sharded: each process its rows, agreed by all
+    bad, bad_moments = sum(flags[:len(params)]), sum(flags[len(params):])
     if bad or bad_moments:
         raise NonFiniteError(f"not saving epoch {epoch + 1}'s checkpoint: {bad} of {len(params)} trained weight tensors "
                              f"and {bad_moments} of {len(moments)} optimizer tensors hold NaN/inf (earlier checkpoints "
@@ -377,9 +371,8 @@ def _restore(folder: Path, accelerator, family, unet, optimizer, tracker, config
     policy = accelerator.unwrap_model(unet)
     load_trained_weights(family, policy, folder, config.model.use_lora)
     optimizer_state = ckpt.read_optimizer_state(folder)  # full tensors, whether or not the run that wrote it sharded
-    if sharding.is_sharded(policy):
-        optimizer_state = sharding.shard_optimizer_state(optimizer, optimizer_state)
-    optimizer.load_state_dict(optimizer_state)
+    optimizer.load_state_dict(sharding.shard_optimizer_state(optimizer, optimizer_state) if sharding.is_sharded(policy)
+                              else optimizer_state)
     _apply_optimizer_settings(optimizer, config)
     if tracker is not None and state.get("stat_tracker"):
         # The saved buffers with this config's sizes (a smaller buffer keeps each prompt's newest rewards).
