@@ -54,8 +54,12 @@ def policy_update(unet, family, optimizer, accelerator, params: list, rollout: R
     num_samples, num_steps = len(rollout.prompts), s.num_steps
     family.set_steps(num_steps, weights.device)
     trainable = _trainable_steps(family, rollout, config)
-    # DiffusionNFT's "old" policy is the one that sampled: the weights at the start of the epoch.
-    start_params = [p.detach().clone() for p in params] if t.algorithm == "nft" else None
+    # DiffusionNFT's "old" policy is the one that sampled: the weights at the start of the epoch, needed once an
+    # optimizer step has changed them (with one step per epoch the current prediction, detached, is the old one).
+    from ddpo.validation import optimizer_steps_per_epoch
+
+    several = optimizer_steps_per_epoch(config) > 1
+    start_params = [p.detach().clone() for p in params] if t.algorithm == "nft" and several else None
     steps_per_sample = max(1, int(int(trainable.sum()) * t.timestep_fraction))
     accumulation = t.gradient_accumulation_steps * steps_per_sample
     chunk = t.timesteps_per_call if t.algorithm in DDPO_LOSSES else 1  # RWR: one call per step
