@@ -85,7 +85,7 @@ def collect_rollout(family, unet, grammar, reward_pool: RewardPool, config, epoc
         generator = torch.Generator().manual_seed(derive_seed(config.seed, epoch, global_batch, "noise"))
         with autocast():
             trajectories = sample_trajectories(
-                family, unet, family.encode(batch_texts, device), negative.expand(s.batch_size),
+                family, unet, encode_distinct(family, batch_texts, device), negative.expand(s.batch_size),
                 num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta, generator=generator,
                 sde_steps=window)
         check_finite_latents(trajectories, epoch)
@@ -102,6 +102,19 @@ def collect_rollout(family, unet, grammar, reward_pool: RewardPool, config, epoc
     valid = check_finite(rewards, texts, info, config.reward.on_nonfinite)
     return Rollout(cat_trajectories(batches), texts, metadata, torch.tensor(indices), rewards, valid, info,
                    sample_s, reward_s)
+
+
+def encode_distinct(family, texts: list[str], device: torch.device):
+    """`family.encode(texts)`, encoding each distinct text once: one call on the distinct texts (in first-seen
+    order), its rows then repeated where `texts` repeats them. A group's `sample.images_per_prompt` images share
+    one encoding instead of that many. Without repeats this is exactly `family.encode(texts)`. It depends only on
+    the batch's texts, so a batch is encoded alike on any number of processes."""
+    distinct = list(dict.fromkeys(texts))
+    cond = family.encode(distinct, device)
+    if len(distinct) == len(texts):
+        return cond
+    position = {text: i for i, text in enumerate(distinct)}
+    return cond.rows(torch.tensor([position[text] for text in texts], device=next(iter(cond.values())).device))
 
 
 def draw_prompts(grammar, config, epoch: int, global_batch: int, num_processes: int,

@@ -1,0 +1,387 @@
+"""ddpo against TRL 0.23.1's DDPOTrainer, side by side at identical settings, alternating runs.
+
+Both train the same tiny Stable Diffusion pipeline, built here in code and saved once as a diffusers folder: a
+UNet2DConditionModel of block widths (32, 64) with 2 layers per block and cross-attention 32 (diffusers' own test
+UNet), 8x8 latents, a 4-block VAE (64 px images) and a 2-layer CLIP text encoder. Per epoch: 2 batches x 4 images
+x 10 DDIM steps with CFG 5 and eta 1; train batch 4, 1 inner epoch, one optimizer step per micro-batch (TRL's
+gradient accumulation over the 10 timesteps); LoRA rank 4 (alpha 4, Gaussian init) on to_q/to_k/to_v/to_out.0
+(23,040 trained parameters); AdamW lr 3e-4; clip range 1e-4; JPEG compressibility computed synchronously in the
+training process; per-prompt statistics (buffer 16, min count 16) over the DDPO paper's 45 animal prompts.
+
+    python benchmarks/peers.py --setup-trl /tmp/trl-venv        # create TRL's venv (PyPI), then compare
+    python benchmarks/peers.py --trl-venv /tmp/trl-venv         # compare with an existing one
+    python benchmarks/peers.py --no-trl --threads 1 --runs 1    # only ddpo's side
+    python benchmarks/peers.py --trl-venv /tmp/trl-venv --timesteps-per-call 2   # ddpo's calls: 4 x 2 x CFG
+
+--setup-trl installs torch 2.13.0 first and alone (on a CPU-only machine whose index is PyPI add --torch-index
+https://download.pytorch.org/whl/cpu), then TRL 0.23.1 (the last release with DDPOTrainer) with the diffusers,
+transformers, peft and accelerate versions of the venv running this script. ddpo runs with
+`train.timesteps_per_call` (default 10: the 10 steps of a micro-batch in one UNet call of batch 4 x 10 x 2);
+TRL makes one call per step (batch 4 x 2). TRL needs `accelerate.PartialState()` before its pipeline is built,
+`mixed_precision="no"` on a CPU, and its reward is synchronous (`async_reward_computation=False`); ddpo's reward
+runs inline too (`reward.executor=inline`). Neither shows a progress bar.
+
+Each run is a fresh process (`ddpo train ...` / TRL's trainer) of `--epochs` epochs; epoch 1 warms up, the
+steady epoch time of a run is the median of the others; a row is the median over `--runs` runs. Runs alternate
+(ddpo, TRL, TRL, ddpo, ...) so both see the same machine; the ratio is the median of the pairwise ratios.
+Peak RSS is each process's maximum resident set (the OS's accounting of the finished child).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TRL_VERSION = "0.23.1"
+# TRL's venv gets the versions of these that ddpo's venv has, so both implementations run the very same UNet,
+# attention, LoRA and optimizer code. Checked working with TRL 0.23.1 (import, sampling, training): diffusers
+# 0.42.1, transformers 5.24.0, peft 0.21.2, accelerate 1.15.0. torch is the CPU wheel that constraints.txt pins.
+SHARED_PACKAGES = ("diffusers", "transformers", "peft", "accelerate")
+SETTINGS = dict(num_steps=10, guidance_scale=5.0, eta=1.0, sample_batch_size=4, num_batches=2, train_batch_size=4,
+                inner_epochs=1, lora_rank=4, learning_rate=3e-4, stat_buffer=16, stat_min_count=16)
+SAMPLES_PER_EPOCH = SETTINGS["sample_batch_size"] * SETTINGS["num_batches"]
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+
+def build_peers_pipeline(folder: str | Path, seed: int = 0) -> Path:
+    """Save the benchmark's random StableDiffusionPipeline (see the module docstring) to `folder`."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from ddpo.tiny import TINY_VOCAB_SIZE, write_tiny_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+    )
+    vae = AutoencoderKL(  # 4 blocks: 8x downsampling, as SD's VAE (8x8 latents <-> 64 px)
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1,
+        norm_num_groups=8, sample_size=64,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=TINY_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    ))
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(write_tiny_tokenizer(tmp), model_max_length=77)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)
+
+
+def animal_prompts() -> list[str]:
+    from prompts import load_grammar
+
+    return [p.text for p in load_grammar("simple_animals").enumerate(None)]
+
+
+# ---------------------------------------------------------------------------------------------- TRL's side
+
+
+def trl_packages() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"trl=={TRL_VERSION}", *(f"{name}=={version(name)}" for name in SHARED_PACKAGES)]
+
+
+def setup_trl(venv: Path, torch_index: str | None = None) -> Path:
+    """Create `venv` with TRL 0.23.1 from PyPI and this venv's diffusers/transformers/peft/accelerate; torch first
+    and alone, pinned to 2.13.0 (constraints.txt): an unpinned resolve pulls a multi-GB CUDA build."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(python), "-m", "pip", "install", "--quiet"]
+    subprocess.run([*pip, "torch==2.13.0", *(["--index-url", torch_index] if torch_index else [])], check=True)
+    subprocess.run([*pip, "-c", str(REPO / "constraints.txt"), *trl_packages()], check=True)
+    return python
+
+
+def trl_worker(args) -> None:
+    """Run TRL's DDPOTrainer for `args.epochs` epochs in this process (TRL's venv); print one JSON line per epoch."""
+    import io
+    import random
+    import warnings
+
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    from accelerate import PartialState
+    from PIL import Image
+
+    PartialState()  # TRL's pipeline logs through accelerate's logger, which needs the state first
+    from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
+
+    s = SETTINGS
+    prompts = json.loads(Path(args.prompts).read_text())
+    rng = random.Random(0)
+
+    def prompt_fn():
+        return rng.choice(prompts), {}
+
+    def jpeg_compressibility(images, prompts, metadata):  # the same as ddpo's rewards/jpeg.py
+        pixels = (images.detach().float().cpu().clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round()
+        sizes = []
+        for image in pixels.astype(np.uint8):
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="JPEG", quality=95)
+            sizes.append(buffer.tell() / 1000)
+        return -torch.tensor(sizes, dtype=torch.float32), {}
+
+    config = DDPOConfig(
+        num_epochs=args.epochs, seed=0, mixed_precision="no", log_with=None, save_freq=10**9,
+        project_kwargs={"project_dir": args.workdir, "logging_dir": args.workdir},
+        sample_num_steps=s["num_steps"], sample_eta=s["eta"], sample_guidance_scale=s["guidance_scale"],
+        sample_batch_size=s["sample_batch_size"], sample_num_batches_per_epoch=s["num_batches"],
+        train_batch_size=s["train_batch_size"], train_num_inner_epochs=s["inner_epochs"],
+        train_gradient_accumulation_steps=1, train_learning_rate=s["learning_rate"],
+        per_prompt_stat_tracking=True, per_prompt_stat_tracking_buffer_size=s["stat_buffer"],
+        per_prompt_stat_tracking_min_count=s["stat_min_count"], async_reward_computation=False,
+    )
+    pipeline = DefaultDDPOStableDiffusionPipeline(args.model, use_lora=True)
+    trainer = DDPOTrainer(config, jpeg_compressibility, prompt_fn, pipeline)
+    pipeline.set_progress_bar_config(disable=True)  # as ddpo's logging.progress=false
+    trained = sum(p.numel() for p in pipeline.unet.parameters() if p.requires_grad)
+    spent = {"sample_s": 0.0, "train_s": 0.0}
+
+    def timed(method, key):
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            try:
+                return method(*a, **k)
+            finally:
+                spent[key] += time.perf_counter() - start
+        return wrapper
+
+    trainer._generate_samples = timed(trainer._generate_samples, "sample_s")
+    trainer._train_batched_samples = timed(trainer._train_batched_samples, "train_s")
+    global_step = 0
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    from importlib.metadata import version
+
+    (Path(args.workdir) / "packages.json").write_text(json.dumps(
+        [f"{name}=={version(name)}" for name in ("trl", *SHARED_PACKAGES, "torch")]))
+    with open(Path(args.workdir) / "epochs.jsonl", "w") as out:
+        for epoch in range(args.epochs):
+            spent.update(sample_s=0.0, train_s=0.0)
+            start = time.perf_counter()
+            global_step = trainer.step(epoch, global_step)
+            row = {"epoch": epoch + 1, "epoch_s": time.perf_counter() - start, **spent, "trained_params": trained}
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+
+
+# ---------------------------------------------------------------------------------------------- ddpo's side
+
+
+def ddpo_command(model: str, workdir: str, run_name: str, epochs: int, timesteps_per_call: int) -> list[str]:
+    s = SETTINGS
+    return [sys.executable, "-m", "ddpo.cli", "train", "tiny_cpu",
+            f"model.pretrained={model}", f"model.lora_rank={s['lora_rank']}", f"model.lora_alpha={s['lora_rank']}",
+            f"sample.num_steps={s['num_steps']}", f"sample.guidance_scale={s['guidance_scale']}",
+            f"sample.eta={s['eta']}", f"sample.batch_size={s['sample_batch_size']}",
+            f"sample.num_batches_per_epoch={s['num_batches']}", f"train.batch_size={s['train_batch_size']}",
+            f"train.num_inner_epochs={s['inner_epochs']}", "train.gradient_accumulation_steps=1",
+            f"train.learning_rate={s['learning_rate']}", "train.per_prompt_stat_tracking=true",
+            f"train.stat_buffer_size={s['stat_buffer']}", f"train.stat_min_count={s['stat_min_count']}",
+            f"train.timesteps_per_call={timesteps_per_call}", f"train.num_epochs={epochs}",
+            "prompts.grammar=simple_animals", "prompts.split=all", "prompts.eval_every=0",
+            "reward.name=jpeg_compressibility", "reward.executor=inline",  # synchronous, like TRL's
+            f"logging.output_dir={workdir}", f"logging.run_name={run_name}", f"logging.save_every={10**6}",
+            "logging.keep_last=1", "logging.sample_grid=false", "logging.tensorboard=false",
+            "logging.progress=false"]
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+
+def run_measured(command: list[str], threads: int, log: Path) -> tuple[int, float]:
+    """Run `command` with `threads` torch threads; (exit code, the child's peak RSS in MiB)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_maxrss / 1024
+
+
+def torch_version() -> str:
+    from importlib.metadata import version
+
+    return version("torch")
+
+
+def steady(epoch_times: list[float]) -> float:
+    """The median epoch time after the first (warm-up) epoch."""
+    return statistics.median(epoch_times[1:] if len(epoch_times) > 1 else epoch_times)
+
+
+def one_run(variant: tuple[str, int | None], threads: int, args, workdir: Path, model: Path, prompts_file: Path,
+            trl_python: Path | None, index: int) -> dict:
+    """One fresh process of `variant` ("ddpo", timesteps_per_call) or ("trl", None)."""
+    impl, k = variant
+    name = f"{impl}{k or ''}-t{threads}-r{index}"
+    log = workdir / f"{name}.log"
+    if impl == "ddpo":
+        command = ddpo_command(str(model), str(workdir / "runs"), name, args.epochs, k)
+    else:
+        command = [str(trl_python), __file__, "--trl-worker", "--threads", str(threads), "--epochs", str(args.epochs),
+                   "--model", str(model), "--prompts", str(prompts_file), "--workdir", str(workdir / name)]
+    code, peak = run_measured(command, threads, log)
+    if code != 0:
+        raise RuntimeError(f"{impl} run failed (exit {code}); last lines of {log}:\n"
+                           + "\n".join(log.read_text().splitlines()[-25:]))
+    if impl == "ddpo":
+        rows = [json.loads(line) for line in (workdir / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+    else:
+        rows = [json.loads(line) for line in (workdir / name / "epochs.jsonl").read_text().splitlines()]
+        packages = json.loads((workdir / name / "packages.json").read_text())
+        expected = trl_packages() + [f"torch=={torch_version()}"]
+        if packages != expected:
+            print(f"warning: TRL's venv has {packages}, not {expected}: the two sides run different library code",
+                  flush=True)
+    times = [r["epoch_s"] for r in rows]
+    if len(times) != args.epochs:
+        raise RuntimeError(f"{impl}: {len(times)} epochs recorded, expected {args.epochs} ({log})")
+    epoch_s = steady(times)
+    return {"impl": impl, "timesteps_per_call": k, "threads": threads, "run": index, "epoch_times": times,
+            "epoch_s": epoch_s, "sample_s": steady([r["sample_s"] for r in rows]),
+            "train_s": steady([r["train_s"] for r in rows]), "samples_per_s": SAMPLES_PER_EPOCH / epoch_s,
+            "peak_rss_mib": peak}
+
+
+def summarise(results: list[dict], variants: list[tuple[str, int | None]], threads_list: list[int]) -> list[dict]:
+    """A row per variant and thread count: medians over its runs; for ddpo, the median of the ratios TRL's epoch
+    time / ddpo's over the pairs of runs with the same index (run next to each other)."""
+    rows = []
+    for impl, k in variants:
+        for threads in threads_list:
+            runs = [r for r in results if (r["impl"], r["timesteps_per_call"], r["threads"]) == (impl, k, threads)]
+            epoch_s = statistics.median(r["epoch_s"] for r in runs)
+            row = {"impl": impl, "timesteps_per_call": k, "threads": threads, "runs": len(runs), "epoch_s": epoch_s,
+                   "epoch_s_min": min(r["epoch_s"] for r in runs), "epoch_s_max": max(r["epoch_s"] for r in runs),
+                   "sample_s": statistics.median(r["sample_s"] for r in runs),
+                   "train_s": statistics.median(r["train_s"] for r in runs),
+                   "samples_per_s": SAMPLES_PER_EPOCH / epoch_s,
+                   "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs)}
+            trl = {r["run"]: r for r in results if r["impl"] == "trl" and r["threads"] == threads}
+            if impl == "ddpo" and trl:
+                ratios = [trl[r["run"]]["epoch_s"] / r["epoch_s"] for r in runs if r["run"] in trl]
+                row["speedup_vs_trl"] = statistics.median(ratios)
+                row["speedup_vs_trl_runs"] = ratios
+            one = [r for r in rows if (r["impl"], r["timesteps_per_call"], r["threads"]) == (impl, k, 1)]
+            if threads != 1 and one:
+                row["speedup_vs_1_thread"] = row["samples_per_s"] / one[0]["samples_per_s"]
+            rows.append(row)
+    return rows
+
+
+def label(row: dict) -> str:
+    if row["impl"] == "trl":
+        return f"TRL {TRL_VERSION} DDPOTrainer"
+    return f"ddpo (this project), timesteps_per_call={row['timesteps_per_call']}"
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| implementation | threads | steady epoch s (min-max) | sampling s | training s | samples/s "
+             "| vs TRL | vs 1 thread | peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r['speedup_vs_trl']:.2f}x" if "speedup_vs_trl" in r else ""
+        threads = f"{r['speedup_vs_1_thread']:.2f}x" if "speedup_vs_1_thread" in r else ""
+        lines.append(f"| {label(r)} | {r['threads']} | {r['epoch_s']:.3f} ({r['epoch_s_min']:.3f}-{r['epoch_s_max']:.3f}) "
+                     f"| {r['sample_s']:.3f} | {r['train_s']:.3f} | {r['samples_per_s']:.2f} | {ratio} | {threads} "
+                     f"| {r['peak_rss_mib']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--setup-trl", metavar="DIR", type=Path, help=f"create a venv with TRL {TRL_VERSION} in DIR, "
+                        "then use it")
+    parser.add_argument("--torch-index", metavar="URL", help="with --setup-trl: the index to take torch 2.13.0 "
+                        "from (a CPU-only machine whose index is PyPI: https://download.pytorch.org/whl/cpu)")
+    parser.add_argument("--trl-venv", metavar="DIR", type=Path, help="an existing venv with TRL (from --setup-trl)")
+    parser.add_argument("--no-trl", action="store_true", help="run ddpo's side only")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads (default: 1 2)")
+    parser.add_argument("--runs", type=int, default=3, help="runs of each implementation per thread count")
+    parser.add_argument("--epochs", type=int, default=6, help="epochs per run; the first warms up (default 6)")
+    parser.add_argument("--timesteps-per-call", type=int, nargs="+", default=[10],
+                        help="ddpo's train.timesteps_per_call; several values: a ddpo row each (default 10: all "
+                        "steps of a micro-batch in one call)")
+    parser.add_argument("--workdir", type=Path, help="keep the model, logs and runs here (default: a temp folder)")
+    parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    parser.add_argument("--markdown", type=Path, help="write the table as markdown here")
+    # internal: TRL's side, run in TRL's venv by this script
+    parser.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--prompts", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.trl_worker:
+        args.threads = args.threads[0]
+        args.workdir = str(args.workdir)
+        trl_worker(args)
+        return None
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.path.insert(0, str(REPO))
+    trl_python = None
+    if args.setup_trl:
+        trl_python = setup_trl(args.setup_trl, args.torch_index)
+    elif args.trl_venv:
+        trl_python = args.trl_venv / "bin" / "python"
+    elif not args.no_trl:
+        parser.error("give --setup-trl DIR, --trl-venv DIR or --no-trl")
+    variants = [("ddpo", k) for k in args.timesteps_per_call] + ([] if args.no_trl else [("trl", None)])
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        model = build_peers_pipeline(workdir / "model")
+        prompts_file = workdir / "prompts.json"
+        prompts_file.write_text(json.dumps(animal_prompts()))
+        results = []
+        for threads in args.threads:
+            for index in range(args.runs):
+                for variant in variants if index % 2 == 0 else variants[::-1]:  # ABBA: no side always goes first
+                    result = one_run(variant, threads, args, workdir, model, prompts_file, trl_python, index)
+                    results.append(result)
+                    print(f"{label(result)} threads={threads} run={index + 1}: steady epoch {result['epoch_s']:.3f} s "
+                          f"(sampling {result['sample_s']:.3f} s, training {result['train_s']:.3f} s), "
+                          f"peak RSS {result['peak_rss_mib']:.0f} MiB", flush=True)
+        rows = summarise(results, variants, args.threads)
+    table = markdown(rows)
+    print(table)
+    report = {"settings": {**SETTINGS, "epochs_per_run": args.epochs, "runs": args.runs,
+                           "ddpo_timesteps_per_call": args.timesteps_per_call,
+                           "packages": trl_packages() + ["torch==" + torch_version()]},
+              "load_before": load_before, "load_after": os.getloadavg(), "rows": rows, "runs": results}
+    print(f"1-minute load average: {load_before[0]:.2f} before, {report['load_after'][0]:.2f} after")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    if args.markdown:
+        args.markdown.write_text(table + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
