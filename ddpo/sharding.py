@@ -125,8 +125,9 @@ def shard_denoiser(model: torch.nn.Module, device: torch.device, mixed_precision
     for block in blocks:  # innermost first: an outer unit then manages only what its inner units do not
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
-    logger.info("FSDP: %s sharded over %d processes in %d blocks of %s", type(model).__name__,
-                dist.get_world_size(), len(blocks), sorted(classes))
+    if dist.get_rank() == 0:
+        print(f"FSDP: {unsharded_class_name(model)} sharded over {dist.get_world_size()} processes ({len(blocks)} "
+              f"{'/'.join(sorted(classes))} blocks and the rest)", flush=True)
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -165,7 +166,8 @@ def gather_optimizer_state(optimizer, keep: bool) -> dict | None:
     """The optimizer's `state_dict()` with every DTensor moment gathered: the same format (integer parameter ids,
     full tensors) as an unsharded run writes. Every process calls this; the one with `keep` gets it."""
     state = optimizer.state_dict()
-    gathered = {i: {k: _full_cpu(v, keep) for k, v in sorted(entry.items())} for i, entry in sorted(state["state"].items())}
+    gathered = {i: {k: _full_cpu(v, keep) for k, v in sorted(entry.items())}
+                for i, entry in sorted(state["state"].items())}
     return {"state": gathered, "param_groups": state["param_groups"]} if keep else None
 
 
@@ -225,18 +227,16 @@ def all_sum(values: list[int]) -> list[int]:
 def full_state_dict_io(model: torch.nn.Module, gathered: dict | None):
     """Within the block a sharded `model` reads and writes full tensors, so that code written for an unsharded model
     (peft's LoRA state dict, diffusers' `save_pretrained`, `load_state_dict`) works unchanged: `state_dict()`
-    returns `gathered` (from `gather_state_dict`) and `load_state_dict(full)` keeps this process's rows of each
-    tensor. An unsharded model is left alone."""
+    returns `gathered` (from `gather_state_dict`; None: the sharded state dict) and `load_state_dict(full)` keeps
+    this process's rows of each tensor. An unsharded model is left alone."""
     if not is_sharded(model):
         yield
         return
-    load = model.load_state_dict
-    layouts = dict(model.state_dict())  # DTensors: no communication
+    load, sharded_state_dict = model.load_state_dict, model.state_dict
+    layouts = dict(sharded_state_dict())  # DTensors: no communication
 
-    def state_dict(*args, **kwargs):
-        if gathered is None:
-            raise RuntimeError("a sharded model's state dict must be gathered first (ddpo.sharding.gather_state_dict)")
-        return dict(gathered)
+    def state_dict(*args, **kwargs):  # without `gathered` (loading): the DTensors, for key and shape checks
+        return dict(gathered) if gathered is not None else sharded_state_dict(*args, **kwargs)
 
     def load_state_dict(state, strict: bool = True, assign: bool = False):
         state = {k: _shard_like(v, layouts[k]) if k in layouts else v for k, v in state.items()}

@@ -56,10 +56,10 @@ def make_accelerator(config: Config, run_dir: Path):
 
     trackers = [name for name, on in (("tensorboard", config.logging.tensorboard and _has_tensorboard()),
                                       ("wandb", config.logging.wandb)) if on]
+    project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir))
     with sharding.plain_accelerate_env():  # under FSDP ddpo shards the denoiser itself (ddpo/sharding.py)
         accelerator = Accelerator(mixed_precision=config.model.mixed_precision, log_with=trackers or None,
-                                  cpu=not torch.cuda.is_available(),
-                                  project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)))
+                                  cpu=not torch.cuda.is_available(), project_config=project)
     if config.model.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
