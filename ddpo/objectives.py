@@ -87,17 +87,29 @@ def adapters_off(unet):
 @contextlib.contextmanager
 def weights_swapped(unet, params: list, values: list[torch.Tensor] | None):
     """The model with `params` holding `values` (the sampling policy's weights) for the block; nothing if None."""
+    from ddpo.sharding import is_dtensor
+
     model = getattr(unet, "module", unet)
     if values is None:
         yield model
         return
-    current = [p.data for p in params]
-    for p, v in zip(params, values):
-        p.data = v
+    # FSDP (DTensor parameters) does not see a swapped `.data`: copy into them in place instead. A plain parameter
+    # swaps `.data`, which an in-place copy would record in autograd's version counter.
+    sharded = [is_dtensor(p) for p in params]
+    current = [p.detach().clone() if s else p.data for p, s in zip(params, sharded)]
+    _assign(params, values, sharded)
     try:
         yield model
     finally:
-        for p, v in zip(params, current):
+        _assign(params, current, sharded)
+
+
+@torch.no_grad()
+def _assign(params: list, values: list[torch.Tensor], sharded: list[bool]) -> None:
+    for p, v, in_place in zip(params, values, sharded):
+        if in_place:
+            p.copy_(v)
+        else:
             p.data = v
 
 

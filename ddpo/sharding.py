@@ -74,9 +74,6 @@ def check_config(grammar, config, num_processes: int) -> None:
                           "one; raise it or set prompts.eval_every=0")
     if config.model.mixed_precision == "fp16":  # the GradScaler would decide to skip a step on each shard alone
         raise ConfigError("model.mixed_precision=fp16 is not supported with FSDP; use bf16")
-    if config.train.algorithm == "nft":  # until ddpo.objectives.weights_swapped copies into sharded parameters
-        raise ConfigError("train.algorithm=nft is not supported with FSDP yet: its old-policy pass swaps the weights "
-                          "with `.data =`, which FSDP's gathers do not see")
 
 
 def is_sharded(model: Any) -> bool:

@@ -210,3 +210,20 @@ def test_full_finetuning_state_optimizer_and_nan_check_under_sharding(tmp_path):
     assert all(torch.equal(out["reloaded"][k], unsharded[k]) for k in unsharded)
     assert out["optimizer_same"]
     assert out["flags"][0] and not any(out["flags"][1:])
+
+
+@pytest.mark.slow
+def test_nft_old_policy_pass_under_sharding_equals_unsharded(tmp_path):
+    # 2 optimizer steps per epoch: the second step's old-policy pass copies the epoch's starting weights into the
+    # sharded parameters (a `.data` swap would go unseen by FSDP's gathers).
+    nft = ["train.algorithm=nft", "train.num_inner_epochs=2", "prompts.eval_every=0"]
+    one = launch(1, "tiny_sd3", *COMMON, *nft, "sample.num_batches_per_epoch=2", "train.gradient_accumulation_steps=2",
+                 f"logging.output_dir={tmp_path}", "logging.run_name=one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = launch(2, "tiny_sd3", *COMMON, *nft, "sample.num_batches_per_epoch=1", "train.gradient_accumulation_steps=1",
+                 f"logging.output_dir={tmp_path}", "logging.run_name=two", fsdp=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert [r["optimizer_steps"] for r in read_metrics(tmp_path / "two" / "metrics.jsonl")] == [2, 2]
+    final_one, final_two = lora(tmp_path / "one"), lora(tmp_path / "two")
+    for key in final_one:
+        torch.testing.assert_close(final_two[key], final_one[key], rtol=1e-5, atol=1e-5)
