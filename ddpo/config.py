@@ -49,7 +49,9 @@ class ModelConfig:
     use_lora: bool = True
     lora_rank: int = 4
     lora_alpha: int = 4
-    lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # Empty: the family's attention projections (to_q, to_k, to_v, to_out.0; SD3 and FLUX add the joint attention's
+    # add_q_proj, add_k_proj, add_v_proj, to_add_out).
+    lora_target_modules: list[str] = field(default_factory=list)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     allow_tf32: bool = True
     gradient_checkpointing: bool = False

@@ -98,7 +98,8 @@ def build_policy(config: Config, device: torch.device):
     family.denoiser.to("cpu" if sharding.requested() else device, **(frozen if m.use_lora else {}))
     torch.manual_seed(config.seed)  # identical LoRA initialisation on every process
     params = prepare_denoiser(family.denoiser, use_lora=m.use_lora, rank=m.lora_rank, alpha=m.lora_alpha,
-                              target_modules=m.lora_target_modules, gradient_checkpointing=m.gradient_checkpointing,
+                              target_modules=m.lora_target_modules or list(family.default_lora_targets),
+                              gradient_checkpointing=m.gradient_checkpointing,
                               attention=m.attention)
     for p in params:
         p.data = p.data.float()

@@ -61,6 +61,10 @@ class Family:
     denoiser_attr: ClassVar[str]  # the pipeline attribute of the trained model: "unet" or "transformer"
     default_lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
     uses_cfg: ClassVar[bool] = True  # False: guidance is an input of the model (FLUX.1-dev), not a second pass
+    # LoRA file keys: UNet LoRAs are saved in diffusers' older `lora.down/up` naming, as diffusers' SD and SDXL
+    # training scripts save them; transformers in peft's `lora_A/B` naming, as its SD3 and FLUX scripts do (diffusers'
+    # converter renames only some of a transformer's keys, and its loader then skips the renamed ones).
+    lora_keys_in_diffusers_naming: ClassVar[bool] = True
 
     def __init__(self, pipe: Any):
         self.pipe = pipe
@@ -152,7 +156,9 @@ class Family:
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+        layers = get_peft_model_state_dict(model)
+        if self.lora_keys_in_diffusers_naming:
+            layers = convert_state_dict_to_diffusers(layers)
         type(self.pipe).save_lora_weights(folder, safe_serialization=True,
                                           **{f"{self.denoiser_attr}_lora_layers": layers})
 

@@ -23,6 +23,7 @@ class FlowFamily(Family):
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                             "to_add_out")
     step_kind = "sde"  # `sample.flow_step`, set by the trainer
+    lora_keys_in_diffusers_naming = False
 
     def __init__(self, pipe: Any):
         super().__init__(pipe)
