@@ -183,9 +183,10 @@ def trl_worker(args) -> None:
     with open(Path(args.workdir) / "epochs.jsonl", "w") as out:
         for epoch in range(args.epochs):
             spent.update(sample_s=0.0, train_s=0.0)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             global_step = trainer.step(epoch, global_step)
-            row = {"epoch": epoch + 1, "epoch_s": time.perf_counter() - start, **spent, "trained_params": trained}
+            row = {"epoch": epoch + 1, "epoch_s": time.perf_counter() - start, "epoch_cpu_s": time.process_time() - cpu,
+                   **spent, "trained_params": trained}
             out.write(json.dumps(row) + "\n")
             out.flush()
 
@@ -193,9 +194,28 @@ def trl_worker(args) -> None:
 # ---------------------------------------------------------------------------------------------- ddpo's side
 
 
+def ddpo_worker(argv: list[str]) -> None:
+    """`ddpo train ARGV` in this process, each epoch's metrics row also holding its CPU seconds (`epoch_cpu_s`,
+    all threads), which other jobs on the machine disturb less than wall time."""
+    sys.path.insert(0, str(REPO))
+    import ddpo.trainer
+    from ddpo.cli import main
+
+    run_epoch = ddpo.trainer._run_epoch
+
+    def timed(*args, **kwargs):
+        cpu = time.process_time()
+        row = run_epoch(*args, **kwargs)
+        row["epoch_cpu_s"] = time.process_time() - cpu
+        return row
+
+    ddpo.trainer._run_epoch = timed
+    sys.exit(main(argv))
+
+
 def ddpo_command(model: str, workdir: str, run_name: str, epochs: int, timesteps_per_call: int) -> list[str]:
     s = SETTINGS
-    return [sys.executable, "-m", "ddpo.cli", "train", "tiny_cpu",
+    return [sys.executable, __file__, "--ddpo-worker", "train", "tiny_cpu",
             f"model.pretrained={model}", f"model.lora_rank={s['lora_rank']}", f"model.lora_alpha={s['lora_rank']}",
             f"sample.num_steps={s['num_steps']}", f"sample.guidance_scale={s['guidance_scale']}",
             f"sample.eta={s['eta']}", f"sample.batch_size={s['sample_batch_size']}",
@@ -265,7 +285,8 @@ def one_run(variant: tuple[str, int | None], threads: int, args, workdir: Path, 
         raise RuntimeError(f"{impl}: {len(times)} epochs recorded, expected {args.epochs} ({log})")
     epoch_s = steady(times)
     return {"impl": impl, "timesteps_per_call": k, "threads": threads, "run": index, "epoch_times": times,
-            "epoch_s": epoch_s, "sample_s": steady([r["sample_s"] for r in rows]),
+            "epoch_s": epoch_s, "epoch_cpu_s": steady([r["epoch_cpu_s"] for r in rows]),
+            "sample_s": steady([r["sample_s"] for r in rows]),
             "train_s": steady([r["train_s"] for r in rows]), "samples_per_s": SAMPLES_PER_EPOCH / epoch_s,
             "peak_rss_mib": peak}
 
@@ -280,6 +301,7 @@ def summarise(results: list[dict], variants: list[tuple[str, int | None]], threa
             epoch_s = statistics.median(r["epoch_s"] for r in runs)
             row = {"impl": impl, "timesteps_per_call": k, "threads": threads, "runs": len(runs), "epoch_s": epoch_s,
                    "epoch_s_min": min(r["epoch_s"] for r in runs), "epoch_s_max": max(r["epoch_s"] for r in runs),
+                   "epoch_cpu_s": statistics.median(r["epoch_cpu_s"] for r in runs),
                    "sample_s": statistics.median(r["sample_s"] for r in runs),
                    "train_s": statistics.median(r["train_s"] for r in runs),
                    "samples_per_s": SAMPLES_PER_EPOCH / epoch_s,
@@ -289,6 +311,8 @@ def summarise(results: list[dict], variants: list[tuple[str, int | None]], threa
                 ratios = [trl[r["run"]]["epoch_s"] / r["epoch_s"] for r in runs if r["run"] in trl]
                 row["speedup_vs_trl"] = statistics.median(ratios)
                 row["speedup_vs_trl_runs"] = ratios
+                row["cpu_ratio_vs_trl"] = statistics.median(trl[r["run"]]["epoch_cpu_s"] / r["epoch_cpu_s"]
+                                                            for r in runs if r["run"] in trl)
             one = [r for r in rows if (r["impl"], r["timesteps_per_call"], r["threads"]) == (impl, k, 1)]
             if threads != 1 and one:
                 row["speedup_vs_1_thread"] = row["samples_per_s"] / one[0]["samples_per_s"]
@@ -303,14 +327,15 @@ def label(row: dict) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| implementation | threads | steady epoch s (min-max) | sampling s | training s | samples/s "
-             "| vs TRL | vs 1 thread | peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| implementation | threads | steady epoch s (min-max) | sampling s | training s | samples/s | vs TRL "
+             "| vs 1 thread | epoch CPU s (vs TRL) | peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['speedup_vs_trl']:.2f}x" if "speedup_vs_trl" in r else ""
         threads = f"{r['speedup_vs_1_thread']:.2f}x" if "speedup_vs_1_thread" in r else ""
+        cpu = f"{r['epoch_cpu_s']:.3f}" + (f" ({r['cpu_ratio_vs_trl']:.2f}x)" if "cpu_ratio_vs_trl" in r else "")
         lines.append(f"| {label(r)} | {r['threads']} | {r['epoch_s']:.3f} ({r['epoch_s_min']:.3f}-{r['epoch_s_max']:.3f}) "
                      f"| {r['sample_s']:.3f} | {r['train_s']:.3f} | {r['samples_per_s']:.2f} | {ratio} | {threads} "
-                     f"| {r['peak_rss_mib']:.0f} |")
+                     f"| {cpu} | {r['peak_rss_mib']:.0f} |")
     return "\n".join(lines)
 
 
@@ -336,6 +361,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--prompts", help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--ddpo-worker"]:
+        ddpo_worker(argv[1:])
     args = parser.parse_args(argv)
     if args.trl_worker:
         args.threads = args.threads[0]

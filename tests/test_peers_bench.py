@@ -32,7 +32,7 @@ def test_ddpo_gets_the_settings_and_the_lora_trl_gets(peers, model, tmp_path):
     from ddpo.trainer import build_policy
 
     command = peers.ddpo_command(str(model), str(tmp_path), "run", epochs=3, timesteps_per_call=10)
-    assert command[3:6] == ["train", "tiny_cpu", f"model.pretrained={model}"]
+    assert command[2:6] == ["--ddpo-worker", "train", "tiny_cpu", f"model.pretrained={model}"]
     config = load_config("tiny_cpu", command[5:])
     s, t, S = config.sample, config.train, peers.SETTINGS
     assert (s.num_steps, s.guidance_scale, s.eta, s.batch_size, s.num_batches_per_epoch) == (
@@ -60,13 +60,14 @@ def test_ddpo_side_runs_and_reports(peers, tmp_path):
     assert 100 < row["peak_rss_mib"] < 4096
     (run,) = report["runs"]
     assert len(run["epoch_times"]) == 2 and run["epoch_s"] == run["epoch_times"][1]  # the warm-up epoch left out
+    assert 0 < run["epoch_cpu_s"]
     assert "| ddpo (this project), timesteps_per_call=10 | 1 |" in (tmp_path / "peers.md").read_text()
 
 
 def test_ratio_is_the_median_of_paired_runs(peers):
     def run(impl, index, epoch_s, threads=1):
         return {"impl": impl, "timesteps_per_call": 10 if impl == "ddpo" else None, "threads": threads, "run": index,
-                "epoch_s": epoch_s, "sample_s": epoch_s / 2, "train_s": epoch_s / 2, "peak_rss_mib": 500.0}
+                "epoch_s": epoch_s, "epoch_cpu_s": epoch_s, "sample_s": epoch_s / 2, "train_s": epoch_s / 2, "peak_rss_mib": 500.0}
 
     results = [run("ddpo", 0, 1.0), run("trl", 0, 2.0), run("trl", 1, 1.5), run("ddpo", 1, 1.0),
                run("ddpo", 2, 2.0), run("trl", 2, 2.0), run("ddpo", 0, 0.8, threads=2), run("trl", 0, 1.6, threads=2)]
