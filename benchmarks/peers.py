@@ -234,10 +234,14 @@ def ddpo_command(model: str, workdir: str, run_name: str, epochs: int, timesteps
 # ---------------------------------------------------------------------------------------------- measuring
 
 
-def run_measured(command: list[str], threads: int, log: Path) -> tuple[int, float]:
+def run_measured(command: list[str], threads: int, log: Path, omp_wait_policy: str | None = None
+                 ) -> tuple[int, float]:
     """Run `command` with `threads` torch threads; (exit code, the child's peak RSS in MiB)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    env.pop("OMP_WAIT_POLICY", None)
+    if omp_wait_policy:
+        env["OMP_WAIT_POLICY"] = omp_wait_policy
     with open(log, "w") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         _, status, usage = os.wait4(proc.pid, 0)
@@ -267,7 +271,7 @@ def one_run(variant: tuple[str, int | None], threads: int, args, workdir: Path, 
     else:
         command = [str(trl_python), __file__, "--trl-worker", "--threads", str(threads), "--epochs", str(args.epochs),
                    "--model", str(model), "--prompts", str(prompts_file), "--workdir", str(workdir / name)]
-    code, peak = run_measured(command, threads, log)
+    code, peak = run_measured(command, threads, log, args.omp_wait_policy)
     if code != 0:
         raise RuntimeError(f"{impl} run failed (exit {code}); last lines of {log}:\n"
                            + "\n".join(log.read_text().splitlines()[-25:]))
@@ -354,6 +358,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--timesteps-per-call", type=int, nargs="+", default=[10],
                         help="ddpo's train.timesteps_per_call; several values: a ddpo row each (default 10: all "
                         "steps of a micro-batch in one call)")
+    parser.add_argument("--omp-wait-policy", choices=["active", "passive"],
+                        help="OMP_WAIT_POLICY for both sides (default: unset, the OpenMP runtime's own). On a machine "
+                        "shared with other busy processes, 2 threads under the default policy can take 10-100x longer "
+                        "per epoch; passive keeps them from spinning")
     parser.add_argument("--workdir", type=Path, help="keep the model, logs and runs here (default: a temp folder)")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument("--markdown", type=Path, help="write the table as markdown here")
@@ -400,7 +408,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     table = markdown(rows)
     print(table)
     report = {"settings": {**SETTINGS, "epochs_per_run": args.epochs, "runs": args.runs,
-                           "ddpo_timesteps_per_call": args.timesteps_per_call,
+                           "ddpo_timesteps_per_call": args.timesteps_per_call, "omp_wait_policy": args.omp_wait_policy,
                            "packages": trl_packages() + ["torch==" + torch_version()]},
               "load_before": load_before, "load_after": os.getloadavg(), "rows": rows, "runs": results}
     print(f"1-minute load average: {load_before[0]:.2f} before, {report['load_after'][0]:.2f} after")
