@@ -25,6 +25,9 @@ CANDIDATES: dict[str, list[str]] = {
     "two_steps": ["train.gradient_accumulation_steps=1"],  # 2 steps of 16 samples: importance sampling acts
     "two_steps_kl": ["train.gradient_accumulation_steps=1", "train.kl_coef=0.01"],  # + KL to the pretrained model
     "two_steps_all_prompts": ["train.gradient_accumulation_steps=1", "prompts.split=all"],  # rare 1/4 of prompts
+    # half of each batch's prompts rare, half common (prompts.split=mix): the reward holds the common pairs
+    "mix": ["train.gradient_accumulation_steps=1", "prompts.split=mix"],
+    "mix_lr1e-3": ["train.gradient_accumulation_steps=1", "prompts.split=mix", "train.learning_rate=1e-3"],
 }
 RESULTS = Path(__file__).parent / "results"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -92,7 +95,11 @@ def main() -> int:
     with ThreadPoolExecutor(args.parallel) as pool:
         rows = list(pool.map(one, evals))
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "shapes_default_candidates.json").write_text(json.dumps(rows, indent=1))
+    result_file = RESULTS / "shapes_default_candidates.json"
+    key = ("candidate", "seed", "epoch", "eval_seed", "sampler")  # earlier rows stay unless measured again here
+    merged = {tuple(r[k] for k in key): r for r in (json.loads(result_file.read_text()) if result_file.is_file() else [])}
+    merged.update({tuple(r[k] for k in key): r for r in rows})
+    result_file.write_text(json.dumps(list(merged.values()), indent=1))
     for r in rows:
         print(f"{r['candidate']:24s} seed {r['seed']} epoch {r['epoch']:3d} eval seed {r['eval_seed']} "
               f"{r['sampler']:12s} rare {100 * r['rare']:5.1f}%  common {100 * r['common']:5.1f}%")

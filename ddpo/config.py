@@ -124,7 +124,10 @@ class TrainConfig:
 @dataclass
 class PromptConfig:
     grammar: str = "shapes"  # a built-in grammar name or a grammar file
-    split: Literal["train", "heldout", "all"] = "train"
+    # "mix": of each batch's prompts (with groups: each epoch's), round(mix_heldout x n) come from the held-out split
+    # and the rest from the training split: train on what to fix while the reward keeps the rest where it is.
+    split: Literal["train", "heldout", "all", "mix"] = "train"
+    mix_heldout: float = 0.5  # with split=mix: the held-out share of the prompts drawn
     eval_every: int = 0  # epochs between held-out evaluations; 0 turns them off
     eval_split: Literal["train", "heldout", "all"] = "heldout"
     eval_num_prompts: int = 8  # distinct prompts, each evaluated once (all of a smaller split)
@@ -140,6 +143,10 @@ class RewardConfig:
     # Seconds one reward call (a batch of sample.batch_size images) may take before the run stops with an error
     # naming the reward and the prompts. 600 s leaves room for a 7B VLM on one GPU whose first call also loads it.
     timeout_s: float = 600.0
+    # An evaluation-only judge (a reward name, e.g. shapes_accuracy, the Shapes evaluator; "" for none): scores the
+    # evaluation's images beside the training reward every prompts.eval_every epochs (eval_score_* in metrics).
+    eval_name: str = ""
+    eval_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -75,8 +75,12 @@ def epoch_line(row: dict[str, Any], num_epochs: int) -> str:
         line += f"  {row['nonfinite_steps']} non-finite step(s) skipped"
     if row.get("fp16_skipped_steps"):
         line += f"  {row['fp16_skipped_steps']} step(s) skipped by the fp16 loss scaler"
-    if row.get("eval_reward_mean") is not None:
-        line += f"  eval reward {row['eval_reward_mean']:.4f}"
+    for key, label in (("eval_reward", "eval reward"), ("eval_score", "eval score")):
+        if row.get(f"{key}_mean") is None:
+            continue
+        line += f"  {label} {row[f'{key}_mean']:.4f}"
+        if row.get(f"{key}_heldout") is not None:
+            line += f" (held-out {row[f'{key}_heldout']:.4f}, train {row[f'{key}_train']:.4f})"
     return line
 
 

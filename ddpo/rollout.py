@@ -126,9 +126,21 @@ def draw_prompts(grammar, config, epoch: int, global_batch: int, num_processes: 
     s = config.sample
     per_batch = s.batch_size // s.images_per_prompt
     if group_prompts is None:
-        return grammar.sample(per_batch, split=split_arg(config.prompts.split),
-                              seed=derive_seed(config.seed, epoch, global_batch, "prompts"))
+        seed = derive_seed(config.seed, epoch, global_batch, "prompts")
+        mix = config.prompts.split == "mix"
+        return [prompt for split, n in split_counts(config, per_batch)
+                for prompt in grammar.sample(n, split=split, seed=derive_seed(seed, str(split)) if mix else seed)]
     return group_prompts[global_batch * per_batch:(global_batch + 1) * per_batch]
+
+
+def split_counts(config, n: int) -> list[tuple[str | None, int]]:
+    """[(grammar split, how many of `n` prompts to draw from it)]: one split, or with `prompts.split=mix`
+    round(mix_heldout x n) held-out prompts (at least 1 and at most n - 1 when n > 1) and the rest training ones."""
+    p = config.prompts
+    if p.split != "mix":
+        return [(split_arg(p.split), n)]
+    heldout = min(max(round(p.mix_heldout * n), 1), n - 1) if n > 1 else int(p.mix_heldout >= 0.5)
+    return [("heldout", heldout), ("train", n - heldout)]
 
 
 def epoch_group_prompts(grammar, config, epoch: int, num_processes: int, oversample: int = 16) -> list:
@@ -142,13 +154,20 @@ def epoch_group_prompts(grammar, config, epoch: int, num_processes: int, oversam
     """
     s = config.sample
     needed = s.batch_size // s.images_per_prompt * s.num_batches_per_epoch * num_processes
-    pool = grammar.sample(needed * oversample, split=split_arg(config.prompts.split),
-                          seed=derive_seed(config.seed, epoch, "group-prompts"))
-    first: dict[str, Any] = {}
-    for prompt in pool:
-        first.setdefault(prompt.text, prompt)  # first occurrences, in draw order
-    distinct = list(first.values())
-    return [distinct[i % len(distinct)] for i in range(needed)]
+    seed = derive_seed(config.seed, epoch, "group-prompts")
+    drawn = []
+    for split, n in split_counts(config, needed):
+        pool = grammar.sample(n * oversample, split=split,
+                              seed=seed if config.prompts.split != "mix" else derive_seed(seed, str(split)))
+        first: dict[str, Any] = {}
+        for prompt in pool:
+            first.setdefault(prompt.text, prompt)  # first occurrences, in draw order
+        distinct = list(first.values())
+        drawn += [distinct[i % len(distinct)] for i in range(n)]
+    if config.prompts.split == "mix":  # interleave, so that every sampling batch holds both splits
+        order = np.random.default_rng(derive_seed(seed, "mix-order")).permutation(needed)
+        drawn = [drawn[i] for i in order]
+    return drawn
 
 
 def check_finite_latents(trajectories: Trajectories, epoch: int | None) -> None:

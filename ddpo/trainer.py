@@ -32,7 +32,8 @@ from ddpo.losses import NonFiniteError
 from ddpo.metrics import append_metrics, epoch_line, run_folder_line, save_grid, truncate_metrics
 from ddpo.pipeline import load_trained_weights, prepare_denoiser, save_trained_weights
 from ddpo.reward_pool import RewardPool
-from ddpo.rollout import Rollout, collect_rollout, evaluate
+from ddpo.evaluation import Evaluator
+from ddpo.rollout import Rollout, collect_rollout
 from ddpo.update import epoch_weights, grad_scaler_state, load_grad_scaler_state, policy_update
 
 logger = logging.getLogger("ddpo")
@@ -173,6 +174,7 @@ def train(config: Config, resume: str | None = None) -> Path:
     # Bars redraw in place on a terminal; redirected to a file, every redraw would be a line of the log.
     progress = config.logging.progress and is_main and sys.stderr.isatty()
     reward_pool = RewardPool(config.reward.name, config.reward.kwargs, config.reward.executor, config.reward.timeout_s)
+    evaluator = Evaluator(config, grammar, reward_pool)  # builds reward.eval_name's judge: its errors come first too
     try:
         family, params = build_policy(config, accelerator.device)
         _warn_long_prompts(grammar, config, family.tokenizers()[0])
@@ -195,13 +197,18 @@ def train(config: Config, resume: str | None = None) -> Path:
                                   tensorboard=config.logging.tensorboard and _has_tensorboard()), flush=True)
         baseline = {}
         if config.prompts.eval_every and start_epoch == 0:  # "before" for the before/after comparison
-            baseline["eval_reward_before"] = _evaluation(config, family, unet, grammar, reward_pool, accelerator,
-                                                         run_dir / "samples" / "eval_before.png")
+            before = evaluator.run(family, unet, accelerator, run_dir / "samples" / "eval_before.png")
+            baseline = {name.replace("_mean", "") + "_before": value for name, value in before.items()}
         # `epoch` is the 0-based index that seeds the epoch's draws; everything a person reads (console, metrics,
         # grids, checkpoint folders) numbers epochs 1..N: `epoch + 1`, the number of epochs completed.
         for epoch in range(start_epoch, config.train.num_epochs):
             row = _run_epoch(config, epoch, family, unet, optimizer, accelerator, params, grammar, reward_pool,
                              tracker, run_dir, progress)
+            if evaluator.due(epoch):  # after the epoch's own timing: epoch_s and samples_per_s measure training
+                eval_start = time.perf_counter()
+                row.update(evaluator.run(family, unet, accelerator,
+                                         run_dir / "samples" / f"eval_epoch_{epoch + 1:04d}.png"))
+                row["eval_s"] = time.perf_counter() - eval_start
             row.update(baseline if epoch == 0 else {})
             if is_main:
                 append_metrics(run_dir / "metrics.jsonl", row)
@@ -213,6 +220,7 @@ def train(config: Config, resume: str | None = None) -> Path:
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM where `ddpo train` turned it into TrainingInterrupted
         raise TrainingInterrupted(getattr(err, "signum", signal.SIGINT), run_dir) from None
     finally:
+        evaluator.close()
         reward_pool.close()
         # accelerate keeps mixed precision in a process-wide singleton; forget it so that a later train() in
         # this process (a notebook, a benchmark) may choose another. The process group (PartialState) stays.
@@ -244,8 +252,8 @@ def _check_splits(grammar, config: Config) -> None:
     p = config.prompts
     used = [("prompts.split", p.split)] + ([("prompts.eval_split", p.eval_split)] if p.eval_every else [])
     for key, split in used:
-        if split == "heldout" and not grammar.has_heldout:
-            raise ConfigError(f"{key}=heldout but grammar {grammar.name!r} defines no held-out split; add a heldout: "
+        if split in ("heldout", "mix") and not grammar.has_heldout:
+            raise ConfigError(f"{key}={split} but grammar {grammar.name!r} defines no held-out split; add a heldout: "
                              f"section to it (see docs/prompts.md) or set {key}=all")
 
 
@@ -253,7 +261,7 @@ def _warn_long_prompts(grammar, config: Config, tokenizer) -> None:
     """Warn (once, naming them) about prompts longer than the text encoder takes: they would be cut silently."""
     from prompts import check_prompt_lengths
 
-    split = None if config.prompts.split == "all" else config.prompts.split
+    split = None if config.prompts.split in ("all", "mix") else config.prompts.split
     finite = grammar.is_finite and grammar.count(split) <= 20_000
     check_prompt_lengths(grammar.enumerate(split) if finite else grammar.sample(512, seed=config.seed, split=split),
                          tokenizer)
@@ -276,27 +284,9 @@ def _run_epoch(config, epoch, family, unet, optimizer, accelerator, params, gram
     train_s = time.perf_counter() - train_start
     row = {"epoch": epoch + 1, **stats, **losses, "sample_s": rollout.sample_s, "reward_s": rollout.reward_s,
            "train_s": train_s}
-    p = config.prompts
-    if p.eval_every and (epoch + 1) % p.eval_every == 0:
-        row["eval_reward_mean"] = _evaluation(config, family, policy, grammar, reward_pool, accelerator,
-                                              run_dir / "samples" / f"eval_epoch_{epoch + 1:04d}.png")
     row["epoch_s"] = time.perf_counter() - start
     row["samples_per_s"] = stats["num_samples"] / row["epoch_s"]
     return row
-
-
-def _evaluation(config, family, unet, grammar, reward_pool, accelerator, grid_path: Path) -> float:
-    """Mean reward on the fixed evaluation prompts (all processes); the main process saves its images' grid."""
-    from accelerate.utils import gather_object
-
-    accelerator.unwrap_model(unet).eval()
-    result = evaluate(family, accelerator.unwrap_model(unet), grammar, reward_pool, config, accelerator.process_index,
-                      accelerator.num_processes, accelerator.device, accelerator.autocast)
-    if accelerator.is_main_process and config.logging.sample_grid and len(result.prompts):
-        images = (result.images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-        save_grid(images, [f"{t} | r={r:.3f}" for t, r in zip(result.prompts, result.rewards)], grid_path)
-    by_position = dict(gather_object(list(zip(result.positions, result.rewards.tolist()))))
-    return float(np.mean([by_position[i] for i in sorted(by_position)]))  # the same sum on any number of processes
 
 
 def _save_grid(rollout: Rollout, path: Path, max_images: int = 16) -> None:

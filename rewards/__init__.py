@@ -39,6 +39,7 @@ REGISTRY: dict[str, str] = {
     "pickscore": "rewards.extra:PickScoreReward",
     "imagereward": "rewards.extra:ImageRewardReward",
     "hpsv2": "rewards.extra:HPSv2Reward",
+    "shapes_accuracy": "rewards.shapes_accuracy:ShapesAccuracyReward",  # the Shapes evaluator, for evaluation
 }
 
 _PLAIN = (str, int, float, bool, type(None))

@@ -25,7 +25,7 @@ from ddpo.ui.settings import AppSettings, UIError
 LOG_FILE = "app_train.log"
 # Overrides the browser may give. Paths, the model, the reward and its options are picked from lists instead
 # (a reward name or captioner may be "package.module:attr", which imports code), and wandb would send data out.
-ALLOWED_OVERRIDES = ("seed=", "sample.", "train.", "prompts.split=", "prompts.eval_", "model.use_lora=",
+ALLOWED_OVERRIDES = ("seed=", "sample.", "train.", "prompts.split=", "prompts.mix_heldout=", "prompts.eval_", "model.use_lora=",
                      "model.lora_", "model.mixed_precision=", "model.gradient_checkpointing=", "model.attention=",
                      "reward.executor=", "reward.on_nonfinite=", "logging.save_every=", "logging.keep_last=",
                      "logging.tensorboard=", "logging.sample_grid=")
