@@ -15,6 +15,8 @@ from typing import Any
 # (panel title, metrics.jsonl key, key of its std for a band or None)
 TRAIN_PANELS = (("reward (mean ± std)", "reward_mean", "reward_std"),
                 ("eval reward (held-out prompts)", "eval_reward_mean", "eval_reward_std"),
+                ("eval score, judge (held-out prompts)", "eval_score_heldout", None),
+                ("eval score, judge (training prompts)", "eval_score_train", None),
                 ("loss", "loss", None), ("approx_kl", "approx_kl", None), ("clipfrac", "clipfrac", None),
                 ("KL to the pretrained model", "kl_ref", None), ("samples/s", "samples_per_s", None))
 STEER_PANELS = (("evaluation return (mean ± std)", "episodic_return_mean", "episodic_return_std"),

@@ -309,7 +309,7 @@ def runs_table(runs_dir: Path) -> list[list]:
     return rows
 
 
-METRIC_COLUMNS = ("reward_mean", "reward_std", "eval_reward_mean", "loss", "approx_kl", "clipfrac", "kl_ref",
+METRIC_COLUMNS = ("reward_mean", "reward_std", "eval_reward_mean", "eval_score_mean", "loss", "approx_kl", "clipfrac", "kl_ref",
                   "samples_per_s")
 
 
