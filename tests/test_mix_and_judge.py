@@ -108,3 +108,23 @@ def test_judge_and_per_split_means_are_logged(tmp_path):
     # 9 held-out animals of 45: the overall mean is the prompt-weighted mean of the two splits
     assert row["eval_reward_mean"] == pytest.approx((9 * row["eval_reward_heldout"] + 36 * row["eval_reward_train"]) / 45)
     assert row["eval_reward_heldout"] != row["eval_reward_train"] and row["eval_s"] > 0
+
+
+def test_evaluation_does_not_change_training(tmp_path):
+    """An evaluation samples with its own generator and noise: a run that evaluates (with a judge) every epoch
+    trains exactly the run that never evaluates."""
+    from safetensors.torch import load_file
+
+    from ddpo.metrics import read_metrics
+    from ddpo.trainer import train
+
+    common = ["prompts.grammar=simple_animals", "train.num_epochs=2", f"logging.output_dir={tmp_path}"]
+    plain = train(load_config("tiny_cpu", common + ["logging.run_name=plain"]))
+    judged = train(load_config("tiny_cpu", common + ["logging.run_name=judged", "prompts.eval_every=1",
+                                                     "prompts.eval_num_prompts=3",
+                                                     "reward.eval_name=jpeg_incompressibility"]))
+    assert [r["reward_mean"] for r in read_metrics(plain / "metrics.jsonl")] == \
+        [r["reward_mean"] for r in read_metrics(judged / "metrics.jsonl")]
+    weights = [load_file(run / "checkpoints" / "epoch_0002" / "pytorch_lora_weights.safetensors")
+               for run in (plain, judged)]
+    assert all(weights[0][k].equal(weights[1][k]) for k in weights[0])
