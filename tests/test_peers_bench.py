@@ -62,6 +62,10 @@ def test_ddpo_side_runs_and_reports(peers, tmp_path):
     assert len(run["epoch_times"]) == 2 and run["epoch_s"] == run["epoch_times"][1]  # the warm-up epoch left out
     assert 0 < run["epoch_cpu_s"]
     assert "| ddpo (this project), timesteps_per_call=10 | 1 |" in (tmp_path / "peers.md").read_text()
+    # the worker's own VmHWM, not wait4's ru_maxrss (which counts the parent's resident set at the fork)
+    peak = float((tmp_path / "work" / "ddpo10-t1-r0.peak").read_text())
+    assert run["peak_rss_mib"] == peak
+    assert report["settings"]["device"] == "cpu" and report["failed"] == []
 
 
 def test_ratio_is_the_median_of_paired_runs(peers):
@@ -77,3 +81,43 @@ def test_ratio_is_the_median_of_paired_runs(peers):
     assert ddpo2["speedup_vs_trl"] == 2.0 and ddpo2["speedup_vs_1_thread"] == pytest.approx(1.25)
     table = peers.markdown([ddpo, ddpo2, trl, trl2])
     assert "| ddpo (this project), timesteps_per_call=10 | 1 |" in table and "| 1.50x |" in table
+
+
+def test_gpu_options_reach_both_sides(peers):
+    command = peers.ddpo_command("m", "w", "run", epochs=3, timesteps_per_call=1, mixed_precision="fp16")
+    assert "model.mixed_precision=fp16" in command
+
+
+def test_sd15_scale_is_the_published_model(peers):
+    """--scale sd15 builds SD 1.5's published unet/vae/text_encoder configs: their published parameter counts."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):  # shapes only: no memory, no time
+        unet = UNet2DConditionModel(**peers.SD15_UNET)
+        vae = AutoencoderKL(**peers.SD15_VAE)
+        text = CLIPTextModel(CLIPTextConfig(**peers.SD15_TEXT, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    counts = [sum(p.numel() for p in m.parameters()) for m in (unet, vae, text)]
+    assert counts == [859_520_964, 83_653_863, 123_060_480]
+    assert unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1) == 512
+
+
+def test_fit_chooses_timesteps_per_call_from_the_one_step_run(peers):
+    one = {"cuda_weights_mib": 2000.0, "cuda_epoch_extra_mib": 9000.0}
+    assert peers.fit_timesteps_per_call(one, 2000 + 9000 * 4.5, num_steps=10) == 4
+    assert peers.fit_timesteps_per_call(one, 140_000, num_steps=10) == 10  # never more than the steps
+    assert peers.fit_timesteps_per_call(one, 5000, num_steps=10) == 1  # never fewer than one
+
+
+def test_gpu_memory_columns_and_failed_variants(peers):
+    def run(impl, k, epoch_s, gpu):
+        return {"impl": impl, "timesteps_per_call": k, "threads": 4, "run": 0, "epoch_s": epoch_s,
+                "epoch_cpu_s": epoch_s, "sample_s": 1.0, "train_s": epoch_s - 1, "peak_rss_mib": 5000.0,
+                "cuda_peak_mib": gpu, "cuda_reserved_mib": gpu + 300}
+
+    results = [run("ddpo", 1, 4.8, 11000.0), run("ddpo", 10, 3.0, 90000.0), run("trl", None, 4.8, 11000.0)]
+    rows = peers.summarise(results, [("ddpo", 1), ("ddpo", 4), ("ddpo", 10), ("trl", None)], [4])
+    assert [(r["impl"], r["timesteps_per_call"]) for r in rows] == [("ddpo", 1), ("ddpo", 10), ("trl", None)]
+    assert rows[1]["speedup_vs_trl"] == pytest.approx(1.6) and rows[1]["cuda_peak_mib"] == 90000.0
+    table = peers.markdown(rows)
+    assert "peak GPU MiB allocated / reserved" in table and "| 90000 / 90300 |" in table
