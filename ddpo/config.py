@@ -144,7 +144,8 @@ class RewardConfig:
     # naming the reward and the prompts. 600 s leaves room for a 7B VLM on one GPU whose first call also loads it.
     timeout_s: float = 600.0
     # An evaluation-only judge (a reward name, e.g. shapes_accuracy, the Shapes evaluator; "" for none): scores the
-    # evaluation's images beside the training reward every prompts.eval_every epochs (eval_score_* in metrics).
+    # evaluation's images beside the training reward every prompts.eval_every epochs (eval_score_* in metrics);
+    # unused while evaluations are off (prompts.eval_every=0).
     eval_name: str = ""
     eval_kwargs: dict[str, Any] = field(default_factory=dict)
 

@@ -27,7 +27,8 @@ class Evaluator:
     def __init__(self, config, grammar, reward_pool: RewardPool):
         self.config, self.grammar, self.reward_pool = config, grammar, reward_pool
         r = config.reward
-        self.judge = (RewardPool(r.eval_name, r.eval_kwargs, "inline", r.timeout_s) if r.eval_name else None)
+        judged = r.eval_name and config.prompts.eval_every  # without evaluations the judge has nothing to judge
+        self.judge = RewardPool(r.eval_name, r.eval_kwargs, "inline", r.timeout_s) if judged else None
         prompts = evaluation_prompts(grammar, config) if config.prompts.eval_every else []
         by_split = config.prompts.eval_split == "all" and grammar.has_heldout
         self.heldout = np.array([grammar.is_heldout(p) for p in prompts], dtype=bool) if by_split else None

@@ -90,9 +90,6 @@ def validate(c: Config) -> None:
     _require(c.model.lora_rank >= 1, f"model.lora_rank={c.model.lora_rank} must be >= 1")
     _require(0 < p.mix_heldout < 1, f"prompts.mix_heldout={p.mix_heldout} must be in (0, 1): the held-out share of "
              "the prompts with prompts.split=mix (0 or 1 would be split=train or split=heldout)")
-    _require(not c.reward.eval_name or p.eval_every > 0,
-             f"reward.eval_name={c.reward.eval_name!r} judges the evaluation, which is off: set prompts.eval_every "
-             "(epochs between evaluations) > 0, or reward.eval_name=''")
     _require(p.eval_every >= 0, f"prompts.eval_every={p.eval_every} must be >= 0 (0 turns evaluation off)")
     _require(bool(c.model.pretrained), "model.pretrained is empty; give a diffusers folder, a hub id, or 'shapes'")
     _require(bool(c.reward.name), "reward.name is empty; see `ddpo score --help` for the reward names")

@@ -6,7 +6,7 @@ from prompts import load_grammar
 
 
 def _config(*overrides):
-    return load_config("shapes_alignment", ["sample.images_per_prompt=4", "sample.batch_size=16",
+    return load_config("shapes_alignment", ["prompts.split=heldout", "sample.images_per_prompt=4", "sample.batch_size=16",
                                             "sample.num_batches_per_epoch=2", "train.gradient_accumulation_steps=1",
                                             *overrides])
 
@@ -41,11 +41,12 @@ def test_evaluation_takes_each_distinct_prompt_once():
     from ddpo.rollout import evaluation_prompts
 
     grammar = load_grammar("shapes")
-    config = load_config("shapes_alignment")  # eval_num_prompts 42 = the held-out split's size
+    config = load_config("shapes_alignment", ["prompts.eval_split=heldout", "prompts.eval_num_prompts=42"])
     texts = [p.text for p in evaluation_prompts(grammar, config)]
     assert len(texts) == 42 and set(texts) == {p.text for p in grammar.enumerate("heldout")}
     eight = [p.text for p in evaluation_prompts(grammar, load_config("shapes_alignment",
-                                                                     ["prompts.eval_num_prompts=8"]))]
+                                                                     ["prompts.eval_split=heldout",
+                                                                      "prompts.eval_num_prompts=8"]))]
     assert len(set(eight)) == 8 and eight == texts[:8]
 
 
