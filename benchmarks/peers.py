@@ -12,6 +12,7 @@ training process; per-prompt statistics (buffer 16, min count 16) over the DDPO 
     python benchmarks/peers.py --trl-venv /tmp/trl-venv         # compare with an existing one
     python benchmarks/peers.py --no-trl --threads 1 --runs 1    # only ddpo's side
     python benchmarks/peers.py --trl-venv /tmp/trl-venv --timesteps-per-call 2   # ddpo's calls: 4 x 2 x CFG
+    python benchmarks/peers.py --trl-venv /tmp/trl-venv --timesteps-per-call 3 --batches-per-call 1 2  # a row each
     taskset -c 0,1 python benchmarks/peers.py --trl-python python3 ...  # TRL importable by python3 (PYTHONPATH)
     python benchmarks/peers.py --trl-python python3 --device cuda --scale sd15 --mixed-precision fp16 \\
         --threads 4 --timesteps-per-call 1 fit                  # SD 1.5 scale on a GPU (random weights, 512 px)
@@ -26,7 +27,8 @@ MiB), and `fit` chooses ddpo's timesteps per call from the run with 1: the most 
 https://download.pytorch.org/whl/cpu), then TRL 0.23.1 (the last release with DDPOTrainer) with the diffusers,
 transformers, peft and accelerate versions of the venv running this script. ddpo runs with
 `train.timesteps_per_call` (default 10: the 10 steps of a micro-batch in one UNet call of batch 4 x 10 x 2);
-TRL makes one call per step (batch 4 x 2). TRL needs `accelerate.PartialState()` before its pipeline is built,
+TRL makes one call per step (batch 4 x 2). `--batches-per-call` sets ddpo's `sample.batches_per_call` (default 1:
+one sampling call per batch and step, as TRL; 2: both batches of an epoch in one call of 2 x 4 x 2 per step). TRL needs `accelerate.PartialState()` before its pipeline is built,
 `mixed_precision="no"` on a CPU, and its reward is synchronous (`async_reward_computation=False`); ddpo's reward
 runs inline too (`reward.executor=inline`). Neither shows a progress bar.
 
@@ -310,14 +312,15 @@ def ddpo_worker(argv: list[str]) -> None:
 
 
 def ddpo_command(model: str, workdir: str, run_name: str, epochs: int, timesteps_per_call: int,
-                 mixed_precision: str = "no") -> list[str]:
+                 mixed_precision: str = "no", batches_per_call: int = 1) -> list[str]:
     s = SETTINGS
     return [sys.executable, __file__, "--ddpo-worker", "train", "tiny_cpu",
             f"model.pretrained={model}", f"model.lora_rank={s['lora_rank']}", f"model.lora_alpha={s['lora_rank']}",
             f"model.mixed_precision={mixed_precision}",
             f"sample.num_steps={s['num_steps']}", f"sample.guidance_scale={s['guidance_scale']}",
             f"sample.eta={s['eta']}", f"sample.batch_size={s['sample_batch_size']}",
-            f"sample.num_batches_per_epoch={s['num_batches']}", f"train.batch_size={s['train_batch_size']}",
+            f"sample.num_batches_per_epoch={s['num_batches']}", f"sample.batches_per_call={batches_per_call}",
+            f"train.batch_size={s['train_batch_size']}",
             f"train.num_inner_epochs={s['inner_epochs']}", "train.gradient_accumulation_steps=1",
             f"train.learning_rate={s['learning_rate']}", "train.per_prompt_stat_tracking=true",
             f"train.stat_buffer_size={s['stat_buffer']}", f"train.stat_min_count={s['stat_min_count']}",
@@ -366,14 +369,14 @@ def steady(epoch_times: list[float]) -> float:
     return statistics.median(epoch_times[1:] if len(epoch_times) > 1 else epoch_times)
 
 
-def one_run(variant: tuple[str, int | None], threads: int, args, workdir: Path, model: Path, prompts_file: Path,
-            trl_python: Path | None, index: int) -> dict:
-    """One fresh process of `variant` ("ddpo", timesteps_per_call) or ("trl", None)."""
-    impl, k = variant
-    name = f"{impl}{k or ''}-t{threads}-r{index}"
+def one_run(variant: tuple[str, int | None, int | None], threads: int, args, workdir: Path, model: Path,
+            prompts_file: Path, trl_python: Path | None, index: int) -> dict:
+    """One fresh process of `variant` ("ddpo", timesteps_per_call, batches_per_call) or ("trl", None, None)."""
+    impl, k, m = variant
+    name = f"{impl}{k or ''}{f'b{m}' if m and m > 1 else ''}-t{threads}-r{index}"
     log = workdir / f"{name}.log"
     if impl == "ddpo":
-        command = ddpo_command(str(model), str(workdir / "runs"), name, args.epochs, k, args.mixed_precision)
+        command = ddpo_command(str(model), str(workdir / "runs"), name, args.epochs, k, args.mixed_precision, m)
     else:
         command = [str(trl_python), __file__, "--trl-worker", "--threads", str(threads), "--epochs", str(args.epochs),
                    "--model", str(model), "--prompts", str(prompts_file), "--workdir", str(workdir / name),
@@ -395,7 +398,7 @@ def one_run(variant: tuple[str, int | None], threads: int, args, workdir: Path, 
     if len(times) != args.epochs:
         raise RuntimeError(f"{impl}: {len(times)} epochs recorded, expected {args.epochs} ({log})")
     epoch_s = steady(times)
-    result = {"impl": impl, "timesteps_per_call": k, "threads": threads, "run": index, "epoch_times": times,
+    result = {"impl": impl, "timesteps_per_call": k, "batches_per_call": m, "threads": threads, "run": index, "epoch_times": times,
               "epoch_s": epoch_s, "epoch_cpu_s": steady([r["epoch_cpu_s"] for r in rows]),
               "sample_s": steady([r["sample_s"] for r in rows]),
               "train_s": steady([r["train_s"] for r in rows]), "samples_per_s": SAMPLES_PER_EPOCH / epoch_s,
@@ -417,17 +420,24 @@ def fit_timesteps_per_call(one_step: dict, budget_mib: float, num_steps: int) ->
     return max(1, min(num_steps, int(spare // one_step["cuda_epoch_extra_mib"])))
 
 
-def summarise(results: list[dict], variants: list[tuple[str, int | None]], threads_list: list[int]) -> list[dict]:
+def variant_of(run: dict) -> tuple[str, int | None, int | None]:
+    """(impl, timesteps_per_call, batches_per_call) of a run or row; runs recorded before batches_per_call: 1."""
+    return run["impl"], run["timesteps_per_call"], run.get("batches_per_call", 1 if run["impl"] == "ddpo" else None)
+
+
+def summarise(results: list[dict], variants: list[tuple[str, int | None, int | None]],
+              threads_list: list[int]) -> list[dict]:
     """A row per variant and thread count: medians over its runs; for ddpo, the median of the ratios TRL's epoch
     time / ddpo's over the pairs of runs with the same index (run next to each other)."""
     rows = []
-    for impl, k in variants:
+    for impl, k, m in variants:
         for threads in threads_list:
-            runs = [r for r in results if (r["impl"], r["timesteps_per_call"], r["threads"]) == (impl, k, threads)]
+            runs = [r for r in results if variant_of(r) == (impl, k, m) and r["threads"] == threads]
             if not runs:  # every run of it failed
                 continue
             epoch_s = statistics.median(r["epoch_s"] for r in runs)
-            row = {"impl": impl, "timesteps_per_call": k, "threads": threads, "runs": len(runs), "epoch_s": epoch_s,
+            row = {"impl": impl, "timesteps_per_call": k, "batches_per_call": m, "threads": threads, "runs": len(runs),
+                   "epoch_s": epoch_s,
                    "epoch_s_min": min(r["epoch_s"] for r in runs), "epoch_s_max": max(r["epoch_s"] for r in runs),
                    "epoch_cpu_s": statistics.median(r["epoch_cpu_s"] for r in runs),
                    "sample_s": statistics.median(r["sample_s"] for r in runs),
@@ -444,7 +454,7 @@ def summarise(results: list[dict], variants: list[tuple[str, int | None]], threa
                 row["speedup_vs_trl_runs"] = ratios
                 row["cpu_ratio_vs_trl"] = statistics.median(trl[r["run"]]["epoch_cpu_s"] / r["epoch_cpu_s"]
                                                             for r in runs if r["run"] in trl)
-            one = [r for r in rows if (r["impl"], r["timesteps_per_call"], r["threads"]) == (impl, k, 1)]
+            one = [r for r in rows if variant_of(r) == (impl, k, m) and r["threads"] == 1]
             if threads != 1 and one:
                 row["speedup_vs_1_thread"] = row["samples_per_s"] / one[0]["samples_per_s"]
             rows.append(row)
@@ -454,7 +464,9 @@ def summarise(results: list[dict], variants: list[tuple[str, int | None]], threa
 def label(row: dict) -> str:
     if row["impl"] == "trl":
         return f"TRL {TRL_VERSION} DDPOTrainer"
-    return f"ddpo (this project), timesteps_per_call={row['timesteps_per_call']}"
+    m = variant_of(row)[2]
+    return f"ddpo (this project), timesteps_per_call={row['timesteps_per_call']}" + (
+        f", batches_per_call={m}" if m != 1 else "")
 
 
 def markdown(rows: list[dict]) -> str:
@@ -480,7 +492,8 @@ def resolve_fit(results: list[dict], args) -> int:
     """'fit': from the first finished ddpo run with 1 timestep per call."""
     import torch
 
-    one = next((r for r in results if r["impl"] == "ddpo" and r["timesteps_per_call"] == 1), None)
+    one = next((r for r in results if r["impl"] == "ddpo" and r["timesteps_per_call"] == 1
+                and variant_of(r)[2] == 1), None)
     if one is None:
         raise RuntimeError("'fit' needs a finished ddpo run with 1 timestep per call")
     budget = args.gpu_memory_budget * torch.cuda.get_device_properties(0).total_memory / MIB
@@ -522,6 +535,9 @@ def main(argv: list[str] | None = None) -> dict | None:
                         help="ddpo's train.timesteps_per_call; several values: a ddpo row each (default 10: all "
                         "steps of a micro-batch in one call). 'fit' (CUDA, after 1 in the list): the most that fit "
                         "--gpu-memory-budget, estimated from the run with 1")
+    parser.add_argument("--batches-per-call", type=int, nargs="+", default=[1],
+                        help="ddpo's sample.batches_per_call; several values: a ddpo row for each with each "
+                        "--timesteps-per-call (default 1: one sampling call per batch and step, as TRL's)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cpu: both sides see no GPU (CUDA_VISIBLE_DEVICES empty); cuda: both use the GPU")
     parser.add_argument("--scale", choices=["tiny", "sd15"], default="tiny",
@@ -565,7 +581,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     ks = [k if k == "fit" else int(k) for k in args.timesteps_per_call]
     if "fit" in ks and (args.device != "cuda" or 1 not in ks[:ks.index("fit")]):
         parser.error("--timesteps-per-call fit needs --device cuda and 1 before it in the list")
-    variants = [("ddpo", k) for k in ks] + ([] if args.no_trl else [("trl", None)])
+    bad = [m for m in args.batches_per_call if m < 1 or SETTINGS["num_batches"] % m]
+    if bad:
+        parser.error(f"--batches-per-call {bad}: each must divide the {SETTINGS['num_batches']} batches per epoch")
+    variants = [("ddpo", k, m) for k in ks for m in args.batches_per_call]
+    variants += [] if args.no_trl else [("trl", None, None)]
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
@@ -580,9 +600,9 @@ def main(argv: list[str] | None = None) -> dict | None:
             for index in range(args.runs):
                 distinct = list(dict.fromkeys(variants))
                 for variant in distinct if index % 2 == 0 else distinct[::-1]:  # ABBA: no side always goes first
-                    if variant == ("ddpo", "fit"):
+                    if variant[:2] == ("ddpo", "fit"):
                         try:
-                            fitted = ("ddpo", resolve_fit(results, args))
+                            fitted = ("ddpo", resolve_fit(results, args), variant[2])
                         except RuntimeError as err:
                             print(err, flush=True)
                             continue
@@ -595,7 +615,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                         result = one_run(variant, threads, args, workdir, model, prompts_file, trl_python, index)
                     except RuntimeError as err:  # e.g. out of GPU memory: reported, the other runs go on
                         print(f"{variant} threads={threads} run={index + 1} failed: {err}", flush=True)
-                        failed.append({"impl": variant[0], "timesteps_per_call": variant[1], "threads": threads,
+                        failed.append({"impl": variant[0], "timesteps_per_call": variant[1],
+                                       "batches_per_call": variant[2], "threads": threads,
                                        "run": index, "error": str(err)[-2000:]})
                         continue
                     results.append(result)
@@ -608,12 +629,13 @@ def main(argv: list[str] | None = None) -> dict | None:
                              f"{result['cuda_reserved_mib']:.0f} reserved" if "cuda_peak_mib" in result else ""),
                           flush=True)
         variants = [v for v in dict.fromkeys(variants)  # 'fit' may have resolved to a value also asked for
-                    if any((r["impl"], r["timesteps_per_call"]) == v for r in results)]
+                    if any(variant_of(r) == v for r in results)]
         rows = summarise(results, variants, args.threads)
     table = markdown(rows)
     print(table)
     report = {"settings": {**SETTINGS, "epochs_per_run": args.epochs, "runs": args.runs,
-                           "ddpo_timesteps_per_call": [k for impl, k in variants if impl == "ddpo"],
+                           "ddpo_timesteps_per_call": sorted({k for impl, k, _ in variants if impl == "ddpo"}),
+                           "ddpo_batches_per_call": args.batches_per_call,
                            "omp_wait_policy": args.omp_wait_policy, "device": args.device, "scale": args.scale,
                            "mixed_precision": args.mixed_precision, "cpu_affinity": sorted(os.sched_getaffinity(0)),
                            "machine": machine(args.device),

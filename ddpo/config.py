@@ -74,6 +74,10 @@ class SampleConfig:
     guidance_scale: float = 5.0
     batch_size: int = 1  # per process
     num_batches_per_epoch: int = 2  # per process
+    # Batches sampled together: one denoiser call per step for this many consecutive batches (each with its own
+    # prompts and noise, as when sampled alone; equal up to float rounding). Must divide num_batches_per_epoch.
+    # Larger calls, less per-call overhead; that many batches' activations at once. 1 = one batch per call.
+    batches_per_call: int = 1
     # Each prompt of a batch is drawn once and sampled this many times (with different noise). With
     # train.stat_buffer_size = train.stat_min_count = images_per_prompt, every sample's advantage is its reward
     # against the other images of the same prompt and the same policy (group-relative, as in GRPO). An epoch's

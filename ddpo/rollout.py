@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ddpo.losses import NonFiniteError
 from ddpo.reward_pool import RewardPool, check_finite
-from ddpo.sampler import Trajectories, cat_trajectories, sample_trajectories
+from ddpo.sampler import Trajectories, cat_trajectories, sample_merged, sample_trajectories
 
 
 class Rollout(NamedTuple):
@@ -77,23 +77,45 @@ def collect_rollout(family, unet, grammar, reward_pool: RewardPool, config, epoc
     batches, futures, texts, metadata, indices = [], [], [], [], []
     group_prompts = epoch_group_prompts(grammar, config, epoch, num_processes) if s.images_per_prompt > 1 else None
     start = time.perf_counter()
+    per_call = s.batches_per_call
+    pending = []  # the batches drawn but not yet sampled: (texts, metadata, cond, generator, global batch)
     for b in tqdm(range(s.num_batches_per_epoch), desc=f"epoch {epoch + 1} sampling", leave=False, disable=not progress):
         global_batch = b * num_processes + process_index
         drawn = draw_prompts(grammar, config, epoch, global_batch, num_processes, group_prompts)
         prompts = [p for p in drawn for _ in range(s.images_per_prompt)]  # each prompt's images side by side
         batch_texts, batch_meta = [p.text for p in prompts], [dict(p.metadata) for p in prompts]
         generator = torch.Generator().manual_seed(derive_seed(config.seed, epoch, global_batch, "noise"))
+        if per_call == 1:
+            with autocast():
+                trajectories = sample_trajectories(
+                    family, unet, encode_distinct(family, batch_texts, device), negative.expand(s.batch_size),
+                    num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta, generator=generator,
+                    sde_steps=window)
+            check_finite_latents(trajectories, epoch)
+            futures.append(reward_pool.submit(trajectories.images, batch_texts, batch_meta))
+            batches.append(trajectories)
+            texts += batch_texts
+            metadata += batch_meta
+            indices += range(global_batch * s.batch_size, (global_batch + 1) * s.batch_size)
+            continue
+        # sample.batches_per_call > 1: this batch waits for the next ones of its group, then all go through the
+        # denoiser together (one call per step), each with its own prompts, noise and generator as above
+        pending.append((batch_texts, batch_meta, encode_distinct(family, batch_texts, device), generator, global_batch))
+        if len(pending) < per_call:
+            continue
         with autocast():
-            trajectories = sample_trajectories(
-                family, unet, encode_distinct(family, batch_texts, device), negative.expand(s.batch_size),
-                num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta, generator=generator,
-                sde_steps=window)
-        check_finite_latents(trajectories, epoch)
-        futures.append(reward_pool.submit(trajectories.images, batch_texts, batch_meta))
-        batches.append(trajectories)
-        texts += batch_texts
-        metadata += batch_meta
-        indices += range(global_batch * s.batch_size, (global_batch + 1) * s.batch_size)
+            merged = sample_merged(family, unet, [cond for _, _, cond, _, _ in pending],
+                                   [negative.expand(s.batch_size)] * len(pending),
+                                   [g for _, _, _, g, _ in pending], num_steps=s.num_steps,
+                                   guidance_scale=s.guidance_scale, eta=s.eta, sde_steps=window)
+        for (batch_texts, batch_meta, _, _, global_batch), trajectories in zip(pending, merged):
+            check_finite_latents(trajectories, epoch)
+            futures.append(reward_pool.submit(trajectories.images, batch_texts, batch_meta))
+            batches.append(trajectories)
+            texts += batch_texts
+            metadata += batch_meta
+            indices += range(global_batch * s.batch_size, (global_batch + 1) * s.batch_size)
+        pending = []
     sample_s = time.perf_counter() - start
     results = [reward_pool.result(f) for f in futures]  # a RewardError raised by the reward surfaces here
     reward_s = time.perf_counter() - start - sample_s

@@ -75,7 +75,7 @@ def test_ratio_is_the_median_of_paired_runs(peers):
 
     results = [run("ddpo", 0, 1.0), run("trl", 0, 2.0), run("trl", 1, 1.5), run("ddpo", 1, 1.0),
                run("ddpo", 2, 2.0), run("trl", 2, 2.0), run("ddpo", 0, 0.8, threads=2), run("trl", 0, 1.6, threads=2)]
-    ddpo, ddpo2, trl, trl2 = peers.summarise(results, [("ddpo", 10), ("trl", None)], [1, 2])
+    ddpo, ddpo2, trl, trl2 = peers.summarise(results, [("ddpo", 10, 1), ("trl", None, None)], [1, 2])
     assert ddpo["speedup_vs_trl_runs"] == [2.0, 1.5, 1.0] and ddpo["speedup_vs_trl"] == 1.5
     assert (ddpo["epoch_s"], trl["epoch_s"]) == (1.0, 2.0) and "speedup_vs_trl" not in trl
     assert ddpo2["speedup_vs_trl"] == 2.0 and ddpo2["speedup_vs_1_thread"] == pytest.approx(1.25)
@@ -85,7 +85,28 @@ def test_ratio_is_the_median_of_paired_runs(peers):
 
 def test_gpu_options_reach_both_sides(peers):
     command = peers.ddpo_command("m", "w", "run", epochs=3, timesteps_per_call=1, mixed_precision="fp16")
-    assert "model.mixed_precision=fp16" in command
+    assert "model.mixed_precision=fp16" in command and "sample.batches_per_call=1" in command
+
+
+def test_batches_per_call_reaches_ddpo_and_its_own_rows(peers, model, tmp_path):
+    from ddpo.config import load_config
+
+    command = peers.ddpo_command(str(model), str(tmp_path), "run", epochs=3, timesteps_per_call=3, batches_per_call=2)
+    config = load_config("tiny_cpu", command[5:])
+    assert (config.sample.batches_per_call, config.train.timesteps_per_call) == (2, 3)
+
+    def run(impl, k, m, index, epoch_s):
+        return {"impl": impl, "timesteps_per_call": k, "batches_per_call": m, "threads": 1, "run": index,
+                "epoch_s": epoch_s, "epoch_cpu_s": epoch_s, "sample_s": 0.3, "train_s": 0.5, "peak_rss_mib": 500.0}
+
+    results = [run("ddpo", 3, 1, 0, 1.2), run("ddpo", 3, 2, 0, 1.0), run("trl", None, None, 0, 1.5)]
+    one, two, trl = peers.summarise(results, [("ddpo", 3, 1), ("ddpo", 3, 2), ("trl", None, None)], [1])
+    assert (one["speedup_vs_trl"], two["speedup_vs_trl"]) == (1.25, 1.5) and two["batches_per_call"] == 2
+    table = peers.markdown([one, two, trl])
+    assert "| ddpo (this project), timesteps_per_call=3 | 1 |" in table
+    assert "| ddpo (this project), timesteps_per_call=3, batches_per_call=2 | 1 |" in table
+    with pytest.raises(SystemExit):  # 3 does not divide the 2 batches of an epoch
+        peers.main(["--no-trl", "--batches-per-call", "3"])
 
 
 def test_sd15_scale_is_the_published_model(peers):
@@ -116,7 +137,7 @@ def test_gpu_memory_columns_and_failed_variants(peers):
                 "cuda_peak_mib": gpu, "cuda_reserved_mib": gpu + 300}
 
     results = [run("ddpo", 1, 4.8, 11000.0), run("ddpo", 10, 3.0, 90000.0), run("trl", None, 4.8, 11000.0)]
-    rows = peers.summarise(results, [("ddpo", 1), ("ddpo", 4), ("ddpo", 10), ("trl", None)], [4])
+    rows = peers.summarise(results, [("ddpo", 1, 1), ("ddpo", 4, 1), ("ddpo", 10, 1), ("trl", None, None)], [4])
     assert [(r["impl"], r["timesteps_per_call"]) for r in rows] == [("ddpo", 1), ("ddpo", 10), ("trl", None)]
     assert rows[1]["speedup_vs_trl"] == pytest.approx(1.6) and rows[1]["cuda_peak_mib"] == 90000.0
     table = peers.markdown(rows)
