@@ -175,7 +175,7 @@ def test_readme_config_reference_matches_the_code_defaults_and_the_default_prese
 
     def flat(tree, prefix=""):
         for key, value in tree.items():
-            if isinstance(value, dict) and key != "kwargs":
+            if isinstance(value, dict) and not key.endswith("kwargs"):  # kwargs, eval_kwargs: one value
                 yield from flat(value, f"{prefix}{key}.")
             else:
                 yield f"{prefix}{key}", value
