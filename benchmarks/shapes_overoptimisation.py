@@ -43,12 +43,17 @@ def plot(runs: dict[str, dict], out: Path) -> None:
         ax.plot(c["eval_epoch"], [100 * v for v in c["rare"]], "o-", color=f"C{2 * i}", label="rare pairs" + suffix)
         ax.plot(c["eval_epoch"], [100 * v for v in c["common"]], "s-", color=f"C{2 * i + 1}",
                 label="common pairs" + suffix)
-        twin.plot(c["epoch"], c["reward"], color="grey", alpha=0.35 if i else 0.6, lw=1)
+        window = 10  # the per-epoch reward is noisy (32 samples): its running mean over 10 epochs
+        smooth = [sum(c["reward"][max(0, k - window + 1):k + 1]) / len(c["reward"][max(0, k - window + 1):k + 1])
+                  for k in range(len(c["reward"]))]
+        twin.plot(c["epoch"], smooth, "--", color=f"C{2 * i}", alpha=0.7, lw=1.2, label="training reward" + suffix)
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy by the evaluator, % (deterministic sampler)")
-    twin.set_ylabel("training reward, mean per epoch (grey)")
-    ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("Training reward vs the independent evaluator, one run")
+    twin.set_ylabel("training reward (dashed; running mean of 10 epochs)")
+    lines = ax.get_legend_handles_labels()
+    more = twin.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="center right", fontsize=7)
+    ax.set_title("Training reward against the independent evaluator, from each run's own evaluations", fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
