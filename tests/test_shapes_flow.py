@@ -141,13 +141,14 @@ def test_eval_defaults_to_the_presets_sampler_for_each_model(family):
     assert default_eval_sampler(SDFamily.__new__(SDFamily)) == (EVAL_STEPS, EVAL_GUIDANCE, EVAL_ETA)
 
 
-def test_flow_preset_validates_and_trains_grpo_on_the_rare_pairs():
+def test_flow_preset_validates_and_trains_grpo_fast_on_mixed_prompts():
     from ddpo.config import load_config
 
     config = load_config("shapes_flow_alignment")
     assert config.model.pretrained == "shapes-flow" and config.train.algorithm == "grpo"
     assert config.sample.images_per_prompt >= 2 and config.sample.eta > 0
-    assert config.prompts.split == "heldout" and config.reward.name == load_config("shapes_alignment").reward.name
+    assert config.prompts.split == "mix" and config.sample.sde_window > 0
+    assert config.reward.name == load_config("shapes_alignment").reward.name
     assert config.reward.kwargs == load_config("shapes_alignment").reward.kwargs
 
 
