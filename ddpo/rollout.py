@@ -78,6 +78,16 @@ def collect_rollout(family, unet, grammar, reward_pool: RewardPool, config, epoc
     group_prompts = epoch_group_prompts(grammar, config, epoch, num_processes) if s.images_per_prompt > 1 else None
     start = time.perf_counter()
     per_call = s.batches_per_call
+
+    def sampled(trajectories, batch_texts, batch_meta, global_batch) -> None:
+        """A sampled batch: check it, send its images to the reward (which runs while the next batch samples)."""
+        check_finite_latents(trajectories, epoch)
+        futures.append(reward_pool.submit(trajectories.images, batch_texts, batch_meta))
+        batches.append(trajectories)
+        texts.extend(batch_texts)
+        metadata.extend(batch_meta)
+        indices.extend(range(global_batch * s.batch_size, (global_batch + 1) * s.batch_size))
+
     pending = []  # the batches drawn but not yet sampled: (texts, metadata, cond, generator, global batch)
     for b in tqdm(range(s.num_batches_per_epoch), desc=f"epoch {epoch + 1} sampling", leave=False, disable=not progress):
         global_batch = b * num_processes + process_index
@@ -91,12 +101,7 @@ def collect_rollout(family, unet, grammar, reward_pool: RewardPool, config, epoc
                     family, unet, encode_distinct(family, batch_texts, device), negative.expand(s.batch_size),
                     num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta, generator=generator,
                     sde_steps=window)
-            check_finite_latents(trajectories, epoch)
-            futures.append(reward_pool.submit(trajectories.images, batch_texts, batch_meta))
-            batches.append(trajectories)
-            texts += batch_texts
-            metadata += batch_meta
-            indices += range(global_batch * s.batch_size, (global_batch + 1) * s.batch_size)
+            sampled(trajectories, batch_texts, batch_meta, global_batch)
             continue
         # sample.batches_per_call > 1: this batch waits for the next ones of its group, then all go through the
         # denoiser together (one call per step), each with its own prompts, noise and generator as above
@@ -109,12 +114,7 @@ def collect_rollout(family, unet, grammar, reward_pool: RewardPool, config, epoc
                                    [g for _, _, _, g, _ in pending], num_steps=s.num_steps,
                                    guidance_scale=s.guidance_scale, eta=s.eta, sde_steps=window)
         for (batch_texts, batch_meta, _, _, global_batch), trajectories in zip(pending, merged):
-            check_finite_latents(trajectories, epoch)
-            futures.append(reward_pool.submit(trajectories.images, batch_texts, batch_meta))
-            batches.append(trajectories)
-            texts += batch_texts
-            metadata += batch_meta
-            indices += range(global_batch * s.batch_size, (global_batch + 1) * s.batch_size)
+            sampled(trajectories, batch_texts, batch_meta, global_batch)
         pending = []
     sample_s = time.perf_counter() - start
     results = [reward_pool.result(f) for f in futures]  # a RewardError raised by the reward surfaces here

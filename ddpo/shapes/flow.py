@@ -193,7 +193,7 @@ def train_flow(cfg: FlowPretrainConfig, work_dir: Path, vae_folder: Path | None 
 
     from ddpo.shapes import pipeline_path
     from ddpo.shapes.models import build_tokenizer
-    from ddpo.shapes.pretrain import _cosine_lr, _log, encode_dataset
+    from ddpo.shapes.pretrain import _cosine_lr, _log, encode_dataset, optimizer_step_with_ema
     from ddpo.shapes.world import RARE_PAIRS
 
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -211,6 +211,7 @@ def train_flow(cfg: FlowPretrainConfig, work_dir: Path, vae_folder: Path | None 
     transformer = build_flow_transformer(cfg.flow_layers, cfg.flow_heads, cfg.flow_head_dim)
     models = torch.nn.ModuleList([text_encoder, text_encoder_2, transformer])
     ema = copy.deepcopy(models).requires_grad_(False)
+    ema_params = list(ema.parameters())
     transformer.set_attn_processor(RepeatedTokenAttnProcessor(T5_ZERO_TOKENS))
     params = list(models.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.flow_lr, weight_decay=0.01)
@@ -230,15 +231,7 @@ def train_flow(cfg: FlowPretrainConfig, work_dir: Path, vae_folder: Path | None 
         pred = transformer(hidden_states=noisy, timestep=t * 1000, encoder_hidden_states=embeds,
                            pooled_projections=pooled, return_dict=False)[0]
         loss = (pred - (noise - x0)).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        decay = min(0.998, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), params):
-                p_ema.lerp_(p, 1 - decay)
+        optimizer_step_with_ema(loss, opt, sched, params, ema_params, step)
         if step % cfg.log_every == 0 or step == cfg.flow_steps - 1:
             _log(log, {"stage": "flow", "step": step, "loss": loss.item(), "elapsed_s": round(time.time() - start, 1)})
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step != cfg.flow_steps - 1:

@@ -71,6 +71,22 @@ def _images_to_tensor(images: np.ndarray):
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+def optimizer_step_with_ema(loss, opt, sched, params: list, ema_params: list, step: int) -> None:
+    """One pretraining step: backward, clip the gradient norm to 1, step, then move the EMA weights toward the new
+    ones (decay min(0.998, (1 + step) / (10 + step)): a short warm-up, then a ~500-step horizon)."""
+    import torch
+
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    decay = min(0.998, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for p_ema, p in zip(ema_params, params):
+            p_ema.lerp_(p, 1 - decay)
+
+
 def _cosine_lr(step: int, total: int, warmup: int = 100) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -188,6 +204,7 @@ def train_unet(cfg: PretrainConfig, work_dir: Path) -> Path:
     prompt_ids, empty_ids = ids[:-1], ids[-1]
     text_encoder, unet, scheduler = build_text_encoder(len(tokenizer)), build_unet(), build_scheduler()
     ema = copy.deepcopy(torch.nn.ModuleList([text_encoder, unet])).requires_grad_(False)
+    ema_params = list(ema.parameters())
     params = list(text_encoder.parameters()) + list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, cfg.unet_steps, warmup=200))
@@ -206,15 +223,7 @@ def train_unet(cfg: PretrainConfig, work_dir: Path) -> Path:
         snr = a.flatten() / (1 - a.flatten())
         weight = torch.clamp(snr, max=5.0) / snr  # min-SNR-5: stop easy low-noise steps dominating
         loss = (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        decay = min(0.998, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), params):
-                p_ema.lerp_(p, 1 - decay)
+        optimizer_step_with_ema(loss, opt, sched, params, ema_params, step)
         if step % cfg.log_every == 0 or step == cfg.unet_steps - 1:
             _log(work_dir / "unet_log.jsonl", {"stage": "unet", "step": step, "loss": loss.item(),
                                                "elapsed_s": round(time.time() - start, 1)})
