@@ -95,16 +95,8 @@ def collect_rollout(family, unet, grammar, reward_pool: RewardPool, config, epoc
         prompts = [p for p in drawn for _ in range(s.images_per_prompt)]  # each prompt's images side by side
         batch_texts, batch_meta = [p.text for p in prompts], [dict(p.metadata) for p in prompts]
         generator = torch.Generator().manual_seed(derive_seed(config.seed, epoch, global_batch, "noise"))
-        if per_call == 1:
-            with autocast():
-                trajectories = sample_trajectories(
-                    family, unet, encode_distinct(family, batch_texts, device), negative.expand(s.batch_size),
-                    num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta, generator=generator,
-                    sde_steps=window)
-            sampled(trajectories, batch_texts, batch_meta, global_batch)
-            continue
-        # sample.batches_per_call > 1: this batch waits for the next ones of its group, then all go through the
-        # denoiser together (one call per step), each with its own prompts, noise and generator as above
+        # With sample.batches_per_call = k > 1 this batch waits for the next k - 1, then all go through the denoiser
+        # together (one call per step), each with its own prompts, noise and generator as above (k = 1: alone)
         pending.append((batch_texts, batch_meta, encode_distinct(family, batch_texts, device), generator, global_batch))
         if len(pending) < per_call:
             continue
@@ -148,21 +140,20 @@ def draw_prompts(grammar, config, epoch: int, global_batch: int, num_processes: 
     s = config.sample
     per_batch = s.batch_size // s.images_per_prompt
     if group_prompts is None:
-        seed = derive_seed(config.seed, epoch, global_batch, "prompts")
-        mix = config.prompts.split == "mix"
-        return [prompt for split, n in split_counts(config, per_batch)
-                for prompt in grammar.sample(n, split=split, seed=derive_seed(seed, str(split)) if mix else seed)]
+        draws = split_draws(config, per_batch, derive_seed(config.seed, epoch, global_batch, "prompts"))
+        return [prompt for split, n, seed in draws for prompt in grammar.sample(n, split=split, seed=seed)]
     return group_prompts[global_batch * per_batch:(global_batch + 1) * per_batch]
 
 
-def split_counts(config, n: int) -> list[tuple[str | None, int]]:
-    """[(grammar split, how many of `n` prompts to draw from it)]: one split, or with `prompts.split=mix`
-    round(mix_heldout x n) held-out prompts (at least 1 and at most n - 1 when n > 1) and the rest training ones."""
+def split_draws(config, n: int, seed: int) -> list[tuple[str | None, int, int]]:
+    """[(grammar split, how many of `n` prompts to draw from it, seed)]: one split with `seed`, or with
+    `prompts.split=mix` round(mix_heldout x n) held-out prompts (at least 1 and at most n - 1 when n > 1) and the rest
+    training ones, each split with its own seed derived from `seed`."""
     p = config.prompts
     if p.split != "mix":
-        return [(split_arg(p.split), n)]
+        return [(split_arg(p.split), n, seed)]
     heldout = min(max(round(p.mix_heldout * n), 1), n - 1) if n > 1 else int(p.mix_heldout >= 0.5)
-    return [("heldout", heldout), ("train", n - heldout)]
+    return [(split, k, derive_seed(seed, split)) for split, k in (("heldout", heldout), ("train", n - heldout))]
 
 
 def epoch_group_prompts(grammar, config, epoch: int, num_processes: int, oversample: int = 16) -> list:
@@ -178,9 +169,8 @@ def epoch_group_prompts(grammar, config, epoch: int, num_processes: int, oversam
     needed = s.batch_size // s.images_per_prompt * s.num_batches_per_epoch * num_processes
     seed = derive_seed(config.seed, epoch, "group-prompts")
     drawn = []
-    for split, n in split_counts(config, needed):
-        pool = grammar.sample(n * oversample, split=split,
-                              seed=seed if config.prompts.split != "mix" else derive_seed(seed, str(split)))
+    for split, n, split_seed in split_draws(config, needed, seed):
+        pool = grammar.sample(n * oversample, split=split, seed=split_seed)
         first: dict[str, Any] = {}
         for prompt in pool:
             first.setdefault(prompt.text, prompt)  # first occurrences, in draw order

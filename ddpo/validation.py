@@ -42,13 +42,6 @@ def validate(c: Config) -> None:
     if t.algorithm == "ddpo_sf":
         _require(t.num_inner_epochs == 1, "train.algorithm=ddpo_sf (REINFORCE) is on-policy: set train.num_inner_epochs=1 "
                  "(use ddpo_is for several inner epochs)")
-    _require(s.batches_per_call >= 1, f"sample.batches_per_call={s.batches_per_call} must be >= 1 (1 = one "
-             "sampling batch per denoiser call)")
-    _require(s.num_batches_per_epoch % s.batches_per_call == 0,
-             f"sample.batches_per_call={s.batches_per_call} does not divide sample.num_batches_per_epoch="
-             f"{s.num_batches_per_epoch}: batches are sampled in groups of that many. Set sample.batches_per_call to "
-             f"a divisor of {s.num_batches_per_epoch} (1 = one batch per call, "
-             f"{s.num_batches_per_epoch} = the whole epoch in one call per step)")
     _require(s.batch_size % s.images_per_prompt == 0,
              f"sample.batch_size={s.batch_size} is not divisible by sample.images_per_prompt={s.images_per_prompt}: "
              "a batch holds whole groups of images of one prompt; choose a batch size that is a multiple of it")
@@ -103,8 +96,15 @@ def validate(c: Config) -> None:
 
 
 def _check_sampler(c: Config) -> None:
-    """Resolution, evaluation steps and the SDE window."""
+    """Resolution, evaluation steps, batches per call and the SDE window."""
     s = c.sample
+    _require(s.batches_per_call >= 1, f"sample.batches_per_call={s.batches_per_call} must be >= 1 (1 = one "
+             "sampling batch per denoiser call)")
+    _require(s.num_batches_per_epoch % s.batches_per_call == 0,
+             f"sample.batches_per_call={s.batches_per_call} does not divide sample.num_batches_per_epoch="
+             f"{s.num_batches_per_epoch}: batches are sampled in groups of that many. Set sample.batches_per_call to "
+             f"a divisor of {s.num_batches_per_epoch} (1 = one batch per call, "
+             f"{s.num_batches_per_epoch} = the whole epoch in one call per step)")
     _require(c.model.resolution >= 0, f"model.resolution={c.model.resolution} must be >= 0 (0: the model's own)")
     _require(s.eval_num_steps >= 0, f"sample.eval_num_steps={s.eval_num_steps} must be >= 0 (0: sample.num_steps)")
     _require(0 <= s.sde_window <= s.num_steps,

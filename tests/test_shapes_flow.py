@@ -133,8 +133,7 @@ def test_base_flow_model_draws_common_pairs_right_and_rare_pairs_wrong(family):
 def test_eval_defaults_to_the_presets_sampler_for_each_model(family):
     from ddpo.config import load_config
     from ddpo.families.sd import SDFamily
-    from ddpo.shapes.evaluate import EVAL_ETA, EVAL_GUIDANCE, EVAL_STEPS
-    from ddpo.shapes.flow import default_eval_sampler
+    from ddpo.shapes.evaluate import EVAL_ETA, EVAL_GUIDANCE, EVAL_STEPS, default_eval_sampler
 
     sample = load_config("shapes_flow_alignment").sample
     assert default_eval_sampler(family) == (sample.num_steps, sample.guidance_scale, sample.eta)

@@ -117,8 +117,7 @@ def _pretrain_flow(args: argparse.Namespace) -> Path:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from ddpo.shapes.evaluate import evaluate_pipeline, load_pipeline
-    from ddpo.shapes.flow import default_eval_sampler
+    from ddpo.shapes.evaluate import default_eval_sampler, evaluate_pipeline, load_pipeline
     from ddpo.shapes.world import RARE_PAIRS
 
     pipe = load_pipeline(args.model, args.lora)

@@ -104,3 +104,14 @@ def save_grid(images: np.ndarray, path: Path, max_cols: int = 8) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(canvas).save(path)
     return path
+
+
+def default_eval_sampler(family) -> tuple[int, float, float]:
+    """(steps, guidance, eta) `ddpo shapes eval` samples `family` with by default: the sampler its Shapes preset
+    trains (shapes_flow_alignment for a flow model, shapes_alignment for a UNet)."""
+    from ddpo.families.flow import FlowFamily
+    from ddpo.shapes.flow import FLOW_EVAL_ETA, FLOW_EVAL_GUIDANCE, FLOW_EVAL_STEPS
+
+    if isinstance(family, FlowFamily):
+        return FLOW_EVAL_STEPS, FLOW_EVAL_GUIDANCE, FLOW_EVAL_ETA
+    return EVAL_STEPS, EVAL_GUIDANCE, EVAL_ETA

@@ -274,14 +274,3 @@ def assemble_flow(work_dir: Path, out_dir: Path, cfg: FlowPretrainConfig) -> Pat
     extra["flow_pretrain_config"] = asdict(cfg)
     write_manifest(out_dir, **extra)
     return out_dir / FLOW_PIPELINE
-
-
-def default_eval_sampler(family) -> tuple[int, float, float]:
-    """(steps, guidance, eta) `ddpo shapes eval` samples `family` with by default: the sampler its Shapes preset
-    trains (shapes_flow_alignment for a flow model, shapes_alignment for a UNet)."""
-    from ddpo.families.flow import FlowFamily
-    from ddpo.shapes.evaluate import EVAL_ETA, EVAL_GUIDANCE, EVAL_STEPS
-
-    if isinstance(family, FlowFamily):
-        return FLOW_EVAL_STEPS, FLOW_EVAL_GUIDANCE, FLOW_EVAL_ETA
-    return EVAL_STEPS, EVAL_GUIDANCE, EVAL_ETA
