@@ -21,8 +21,11 @@ class PerPromptStatTracker:
         self.min_count = min_count
         self.buffers: dict[str, deque[float]] = {}
 
-    def update(self, prompts: list[str], rewards: np.ndarray) -> np.ndarray:
-        """Add a batch and return its advantages. prompts: B strings; rewards: (B,) -> (B,) float32."""
+    def update(self, prompts: list[str], rewards: np.ndarray, scale: float | None = None) -> np.ndarray:
+        """Add a batch and return its advantages. prompts: B strings; rewards: (B,) -> (B,) float32.
+
+        `scale`: divide by this (e.g. the epoch's reward std, `train.group_std=batch`) instead of each prompt's own
+        std, so a prompt whose images all score alike gets small advantages instead of its noise blown up to 1."""
         rewards = np.asarray(rewards, dtype=np.float64)
         advantages = np.empty_like(rewards)
         for prompt in dict.fromkeys(prompts):  # unique, in first-seen order
@@ -30,7 +33,7 @@ class PerPromptStatTracker:
             buffer = self.buffers.setdefault(prompt, deque(maxlen=self.buffer_size))
             buffer.extend(rewards[mask].tolist())
             stats = np.asarray(buffer) if len(buffer) >= self.min_count else rewards
-            advantages[mask] = (rewards[mask] - stats.mean()) / (stats.std() + _EPS)
+            advantages[mask] = (rewards[mask] - stats.mean()) / ((stats.std() if scale is None else scale) + _EPS)
         return advantages.astype(np.float32)
 
     def state_dict(self) -> dict:
@@ -43,19 +46,19 @@ class PerPromptStatTracker:
 
 
 def group_advantages(tracker: PerPromptStatTracker, prompts: list[str], rewards: np.ndarray,
-                     groups: np.ndarray) -> np.ndarray:
+                     groups: np.ndarray, scale: float | None = None) -> np.ndarray:
     """Per-prompt tracking one group at a time (`sample.images_per_prompt` > 1), in the order of the groups.
 
     A prompt that fills two groups of one epoch would otherwise pool them: with a buffer of one group's size the
     first group was normalised by the second's mean and std (advantages of -36 were seen). Here each group enters
     the buffer before it is normalised, and a later group never reaches back into an earlier one.
-    prompts: B strings; rewards: (B,); groups: (B,) int group ids -> (B,) float32.
+    prompts: B strings; rewards: (B,); groups: (B,) int group ids; scale as in `update` -> (B,) float32.
     """
     rewards, groups = np.asarray(rewards), np.asarray(groups)
     advantages = np.empty(len(rewards), dtype=np.float32)
     for group in dict.fromkeys(groups.tolist()):  # unique, in first-seen order
         members = np.flatnonzero(groups == group)
-        advantages[members] = tracker.update([prompts[i] for i in members], rewards[members])
+        advantages[members] = tracker.update([prompts[i] for i in members], rewards[members], scale)
     return advantages
 
 

@@ -68,3 +68,30 @@ def test_the_trainer_normalises_each_group_by_itself():
                                  PerPromptStatTracker(4, 4), config)
     np.testing.assert_allclose(weights.numpy()[:4], _zscore(rewards[:4]), rtol=1e-5)
     np.testing.assert_allclose(weights.numpy()[4:], _zscore(rewards[4:]), rtol=1e-5)
+
+
+def test_batch_std_keeps_a_prompt_whose_images_score_alike_small():
+    """train.group_std=batch with per-prompt tracking: each prompt's own mean, the epoch's std. A prompt drawn right
+    every time (rewards 0.98 +- 0.001) gets advantages of order 0.001 / epoch std, not its noise scaled to +-1."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from ddpo.config import load_config
+    from ddpo.trainer import compute_weights
+
+    rewards = np.array([0.979, 0.981, 0.980, 0.982, 0.2, 0.9, 0.5, 0.7], dtype=np.float32)  # "easy", then "hard"
+    rollout = SimpleNamespace(global_index=torch.arange(8), prompts=["easy"] * 4 + ["hard"] * 4, rewards=rewards,
+                              valid=np.ones(8, dtype=bool))
+    weights = {}
+    for std in ("group", "batch"):
+        config = load_config("tiny_cpu", ["sample.batch_size=8", "train.batch_size=4", f"train.group_std={std}",
+                                          "train.stat_buffer_size=4", "train.stat_min_count=4"])
+        weights[std] = compute_weights(SimpleNamespace(device=torch.device("cpu")), rollout,
+                                       PerPromptStatTracker(4, 4), config)[0].numpy()
+    np.testing.assert_allclose(weights["group"][:4], _zscore(rewards[:4]), rtol=1e-4)  # noise blown up to +-1.3
+    epoch_std = rewards.astype(np.float64).std()
+    for lo, hi in ((0, 4), (4, 8)):
+        part = rewards[lo:hi].astype(np.float64)
+        np.testing.assert_allclose(weights["batch"][lo:hi], (part - part.mean()) / (epoch_std + 1e-6), rtol=1e-4)
+    assert np.abs(weights["batch"][:4]).max() < 0.01 < np.abs(weights["batch"][4:]).max()
