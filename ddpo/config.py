@@ -116,7 +116,10 @@ class TrainConfig:
     rwr_temperature: float = 0.2  # beta in exp(r / beta), on normalised rewards
     rwr_sparse_quantile: float = 0.9  # rwr_sparse keeps samples with reward >= this quantile
     nft_beta: float = 1.0  # DiffusionNFT: how far the implicit positive/negative policies sit from the old one
-    group_std: Literal["group", "batch"] = "group"  # grpo: divide by the group's std, or the batch's (global_std)
+    # The std advantages divide by: each reward's own group's ("group": a grpo group, or with per-prompt tracking the
+    # prompt's recent rewards) or the epoch's ("batch", Flow-GRPO's global_std): a prompt whose images all score
+    # alike then gets small advantages instead of its reward noise scaled up to unit size.
+    group_std: Literal["group", "batch"] = "group"
     per_prompt_stat_tracking: bool = True
     stat_buffer_size: int = 16
     stat_min_count: int = 16

@@ -136,11 +136,12 @@ def compute_weights(accelerator, rollout: Rollout, tracker: PerPromptStatTracker
     groups = np.sort(np.asarray(index))[valid] // config.sample.images_per_prompt  # a group's images are adjacent
     if valid.any() and config.train.algorithm == "grpo":
         advantages[valid] = group_relative_advantages(rewards[valid], groups, config.train.group_std)
-    elif valid.any() and tracker is not None and config.sample.images_per_prompt > 1:
-        advantages[valid] = group_advantages(tracker, kept, rewards[valid], groups)  # each group by itself
+    elif valid.any() and tracker is not None:
+        scale = float(rewards[valid].std()) if config.train.group_std == "batch" else None  # else each prompt's
+        advantages[valid] = (group_advantages(tracker, kept, rewards[valid], groups, scale)  # each group by itself
+                             if config.sample.images_per_prompt > 1 else tracker.update(kept, rewards[valid], scale))
     elif valid.any():
-        advantages[valid] = (tracker.update(kept, rewards[valid]) if tracker is not None
-                             else batch_advantages(rewards[valid]))
+        advantages[valid] = batch_advantages(rewards[valid])
     t = config.train
     weights = epoch_weights(t.algorithm, advantages, valid, t.rwr_temperature, t.rwr_sparse_quantile)
     position = {g: i for i, g in enumerate(np.asarray(index)[order])}
