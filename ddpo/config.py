@@ -56,6 +56,12 @@ class ModelConfig:
     allow_tf32: bool = True
     gradient_checkpointing: bool = False
     attention: Literal["sdpa", "xformers"] = "sdpa"  # xformers falls back to SDPA when absent or without CUDA
+    # torch.compile (inductor) of the denoiser's forward, CUDA runs only: on a CPU inductor computed wrong UNet
+    # gradients (ddpo/pipeline.py). Each new input shape, grad mode or LoRA on/off state compiles once.
+    compile: bool = False
+    # UNet families (sd, sdxl) only: the UNet's weights in channels_last (NHWC) memory format, which GPU convolution
+    # kernels prefer; the activations follow from the first convolution. A transformer family refuses it.
+    channels_last: bool = False
 
 
 @dataclass

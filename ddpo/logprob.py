@@ -31,6 +31,8 @@ import math
 
 import torch
 
+from ddpo.transfer import to_device
+
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -51,10 +53,10 @@ def _alpha_prods(scheduler, timestep: int | torch.Tensor, batch: int, ndim: int,
     `final_alpha_cumprod` (1 with set_alpha_to_one)."""
     if scheduler.num_inference_steps is None:
         raise ValueError("the scheduler has no timesteps yet: call scheduler.set_timesteps(num_steps) first")
-    t = torch.as_tensor(timestep, device=device, dtype=torch.long).reshape(-1).expand(batch)
+    t = to_device(torch.as_tensor(timestep, dtype=torch.long), device).reshape(-1).expand(batch)
     t_prev = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
-    final = torch.as_tensor(scheduler.final_alpha_cumprod, device=device, dtype=torch.float32)
+    alphas_cumprod = to_device(scheduler.alphas_cumprod, device).to(torch.float32)  # diffusers keeps it on the CPU
+    final = to_device(torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32), device)
     return _gather(alphas_cumprod, t, final, ndim), _gather(alphas_cumprod, t_prev, final, ndim)
 
 

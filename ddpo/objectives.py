@@ -21,6 +21,7 @@ import torch
 from ddpo.logprob import step_log_prob
 from ddpo.losses import ddpo_is_loss, ddpo_sf_loss, gaussian_kl, nft_loss, nft_optimality, rwr_loss
 from ddpo.rollout import Rollout
+from ddpo.transfer import to_device
 
 DDPO_LOSSES = {"ddpo_is": ddpo_is_loss, "ddpo_sf": ddpo_sf_loss, "grpo": ddpo_is_loss}
 FORWARD_NOISING = ("rwr", "rwr_sparse", "nft")
@@ -45,7 +46,8 @@ def ddpo_chunk_loss(unet, family, rollout: Rollout, idx, t_idx, weights, config)
     s, t = config.sample, config.train
     traj = rollout.trajectories
     b, k_steps = t_idx.shape
-    rows, steps = idx.repeat(k_steps), t_idx.T.reshape(-1)  # (b*K,) each
+    idx = to_device(idx, traj.latents.device)  # the indices on the device: no blocking copy per use
+    rows, steps = idx.repeat(k_steps), to_device(t_idx.T.reshape(-1), idx.device)  # (b*K,) each
     latents, next_latents = traj.latents[rows, steps], traj.latents[rows, steps + 1]
     timesteps = traj.timesteps[rows, steps]
     guidance = training_guidance(family, config)
@@ -120,12 +122,12 @@ def forward_noising_loss(unet, family, rollout: Rollout, idx, seeds: list[int], 
     `old_params` (DiffusionNFT): the sampling policy's weights; None while the model still holds them (before the
     epoch's first optimizer step), when the current prediction, detached, is the old one."""
     traj = rollout.trajectories
+    idx = to_device(idx, traj.latents.device)
     x0 = traj.latents[idx, -1]
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-    times = family.train_times(generators)
-    noise = torch.cat([torch.randn((1, *x0.shape[1:]), generator=g) for g in generators]).to(x0.device)
-    noisy, target = family.add_noise(x0, noise, times.to(x0.device))
-    times = times.to(x0.device)
+    times = to_device(family.train_times(generators), x0.device)
+    noise = to_device(torch.cat([torch.randn((1, *x0.shape[1:]), generator=g) for g in generators]), x0.device)
+    noisy, target = family.add_noise(x0, noise, times)
     cond, negative = traj.cond.rows(idx), traj.negative.rows(idx)
     guidance = training_guidance(family, config)
     prediction = family.predict(unet, noisy, times, cond, negative, guidance)

@@ -40,6 +40,39 @@ def prepare_denoiser(model: Any, *, use_lora: bool, rank: int, alpha: int, targe
     return trainable
 
 
+# torch.compile's backend for model.compile. The tests swap in "aot_eager" (the same graph capture and autograd,
+# no code generation) to check checkpoints, resume and the KL reference of a compiled denoiser on a CPU.
+COMPILE_BACKEND = "inductor"
+
+
+def speed_options(model: Any, device: Any, *, compile: bool, channels_last: bool) -> None:
+    """`model.compile` and `model.channels_last`, applied in place to a denoiser whose LoRA adapters are attached
+    (so that their weights are converted and compiled too) and whose trainable weights are already float32.
+
+    channels_last: the 4-D (convolution) weights in NHWC memory format; cuDNN and oneDNN then compute each
+    convolution in NHWC, so the activations take it on from the first one without converting the inputs.
+    compile: `Module.compile()` compiles the module's call in place, unlike `torch.compile(module)`, whose
+    wrapper would prefix every state_dict key with `_orig_mod.` (breaking checkpoints and LoRA files) and hide
+    `disable_adapters` (the KL reference) behind another object. DDP (several GPUs; not yet tried with compile)
+    calls the module it wraps as usual, so it runs the compiled call."""
+    import torch
+
+    if compile and COMPILE_BACKEND == "inductor" and torch.device(device).type != "cuda":
+        from ddpo.config import ConfigError
+
+        # Found on torch 2.13.0+cpu (AMD EPYC): the compiled tiny UNet's forward matched eager, but the gradients of
+        # every weight before the first up block's upsampler were wrong (the mid block's all zero), with or without
+        # LoRA; backend aot_eager_decomp_partition was right, so inductor's CPU code is at fault. Refused rather
+        # than trained on silently (tests/test_speed_options.py checks that the bug is still there).
+        raise ConfigError(f"model.compile=true is for CUDA runs (this run trains on {device}): on a CPU, torch's "
+                          "inductor computed wrong gradients for the diffusers UNet (forward right, backward wrong), "
+                          "and no other device was checked. Set model.compile=false")
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if compile:
+        model.compile(backend=COMPILE_BACKEND)
+
+
 def _enable_xformers(model: Any) -> None:
     import importlib.util
 

@@ -12,6 +12,7 @@ import torch
 
 from ddpo.families.base import Cond
 from ddpo.logprob import step_log_prob
+from ddpo.transfer import to_device
 
 
 class Trajectories(NamedTuple):
@@ -79,12 +80,13 @@ def sample_merged(family, model, conds: list[Cond], negatives: list[Cond], gener
     if initial_noise is None:
         initial_noise = [torch.randn(family.latent_shape(n), generator=g) for n, g in zip(sizes, generators)]
     noise = initial_noise[0] if len(sizes) == 1 else torch.cat(initial_noise)
-    latents = family.initial_latents(noise.to(device))
+    latents = family.initial_latents(to_device(noise, device))
     all_latents, all_log_probs = [latents], []
     levels = noise_levels(eta, num_steps, sde_steps)
     for i, t in enumerate(tqdm(family.timesteps, desc="sampling", leave=False, disable=not progress)):
         output = family.predict(model, latents, t.expand(batch), cond, negative, guidance_scale)
-        mean, std = family.step_mean_std(output, torch.full((batch,), i, dtype=torch.long), latents, levels[i])
+        step = torch.full((batch,), i, dtype=torch.long, device=device)  # made there: no copy per step
+        mean, std = family.step_mean_std(output, step, latents, levels[i])
         if levels[i] > 0:
             draws = [randn_tensor((n, *mean.shape[1:]), generator=g, device=mean.device, dtype=mean.dtype)
                      for n, g in zip(sizes, generators)]  # each batch's own noise, in the order it alone draws it

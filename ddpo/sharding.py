@@ -74,6 +74,11 @@ def check_config(grammar, config, num_processes: int) -> None:
                           "one; raise it or set prompts.eval_every=0")
     if config.model.mixed_precision == "fp16":  # the GradScaler would decide to skip a step on each shard alone
         raise ConfigError("model.mixed_precision=fp16 is not supported with FSDP; use bf16")
+    # fully_shard refuses non-contiguous (channels_last) parameters; after Module.compile() FSDP's hooks would run
+    # inside the compiled call, which was never tried: both are refused here, before any weight loads.
+    for key in ("compile", "channels_last"):
+        if getattr(config.model, key):
+            raise ConfigError(f"model.{key}=true is not supported with FSDP sharding; set model.{key}=false")
 
 
 def is_sharded(model: Any) -> bool:

@@ -30,7 +30,7 @@ from ddpo.advantages import PerPromptStatTracker, batch_advantages, group_advant
 from ddpo.config import Config, ConfigError, config_from_file, save_config
 from ddpo.losses import NonFiniteError
 from ddpo.metrics import append_metrics, epoch_line, run_folder_line, save_grid, truncate_metrics
-from ddpo.pipeline import load_trained_weights, prepare_denoiser, save_trained_weights
+from ddpo.pipeline import load_trained_weights, prepare_denoiser, save_trained_weights, speed_options
 from ddpo.reward_pool import RewardPool
 from ddpo.evaluation import Evaluator
 from ddpo.rollout import Rollout, collect_rollout
@@ -104,6 +104,7 @@ def build_policy(config: Config, device: torch.device):
                               attention=m.attention)
     for p in params:
         p.data = p.data.float()
+    speed_options(family.denoiser, device, compile=m.compile, channels_last=m.channels_last)
     return family, params
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ddpo.families.base import Cond, Family
+from ddpo.transfer import to_device
 
 
 class FlowFamily(Family):
@@ -65,7 +66,7 @@ class FlowFamily(Family):
                       noise_level: float) -> tuple[torch.Tensor, torch.Tensor]:
         from ddpo.flow_sde import flow_cps_mean_std, flow_sde_mean_std
 
-        step = step.to(self.sigmas.device)
+        step = to_device(step, self.sigmas.device)
         mean_std = flow_cps_mean_std if self.step_kind == "cps" else flow_sde_mean_std
         return mean_std(output, latents, self.sigmas[step], self.sigmas[step + 1], noise_level,
                         self.sigmas[min(1, len(self.sigmas) - 1)])
@@ -94,7 +95,11 @@ class FlowFamily(Family):
 
     @classmethod
     def check_config(cls, config) -> None:
-        pass
+        from ddpo.config import ConfigError
+
+        if config.model.channels_last:  # a transformer has no convolutions after its patch embedding
+            raise ConfigError(f"model.channels_last=true applies to the UNet families (sd, sdxl); "
+                              f"model.pretrained={config.model.pretrained!r} is a {cls.name} transformer. Remove it")
 
 
 class SD3Family(FlowFamily):

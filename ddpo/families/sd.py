@@ -12,6 +12,7 @@ import torch
 
 from ddpo.families.base import Cond, Family
 from ddpo.logprob import ddim_step_mean_std, step_std
+from ddpo.transfer import to_device
 
 
 class SDFamily(Family):
@@ -46,7 +47,7 @@ class SDFamily(Family):
         """{"embeds": (B, 77, D)}: the text encoder's hidden states, padded to the tokenizer's max length."""
         tokens = self.pipe.tokenizer(prompts, padding="max_length", max_length=self.pipe.tokenizer.model_max_length,
                                      truncation=True, return_tensors="pt")
-        return Cond(embeds=self.pipe.text_encoder(tokens.input_ids.to(device))[0])
+        return Cond(embeds=self.pipe.text_encoder(to_device(tokens.input_ids, device))[0])
 
     def set_steps(self, num_steps: int, device: torch.device | str = "cpu") -> None:
         self.pipe.scheduler.set_timesteps(num_steps, device=device)
