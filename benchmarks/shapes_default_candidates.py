@@ -28,6 +28,11 @@ CANDIDATES: dict[str, list[str]] = {
     # half of each batch's prompts rare, half common (prompts.split=mix): the reward holds the common pairs
     "mix": ["train.gradient_accumulation_steps=1", "prompts.split=mix"],
     "mix_lr1e-3": ["train.gradient_accumulation_steps=1", "prompts.split=mix", "train.learning_rate=1e-3"],
+    # relative to the current default (mix, 2 steps, lr 1e-3):
+    "mix75": ["prompts.mix_heldout=0.75"],  # three quarters of every batch rare
+    "batch64": ["sample.num_batches_per_epoch=4", "train.gradient_accumulation_steps=2"],  # 2 steps of 32 samples
+    "kl_long": ["train.kl_coef=0.002"],  # with --epochs 300: the KL penalty, trained longer
+    "batch_std": ["train.group_std=batch"],  # each prompt's mean, the epoch's std: easy prompts' noise stays small
 }
 RESULTS = Path(__file__).parent / "results"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
