@@ -44,7 +44,8 @@ def test_shapes_flow_loads_as_the_sd3_family_without_t5(family):
     assert family_class("shapes-flow") is SD3Family and isinstance(family, SD3Family)
     assert family.pipe.text_encoder_3 is None and family.default_resolution() == 64
     cond = family.encode(["a red square on a blue background"], torch.device("cpu"))
-    assert cond["embeds"].shape == (1, 16 + 256, 64) and cond["pooled"].shape == (1, 64)
+    # the pipeline's 16 + 256 tokens, its 256 identical zero tokens as one (tests/test_repeated_tokens.py)
+    assert cond["embeds"].shape == (1, 16 + 1, 64) and cond["pooled"].shape == (1, 64)
     assert family.latent_shape(2) == (2, 4, 8, 8)
 
 
@@ -53,16 +54,17 @@ def test_pretraining_text_encoding_and_attention_are_the_pipelines(family):
     (RepeatedTokenAttnProcessor) gives the transformer's output with all 256."""
     import copy
 
-    from ddpo.shapes.flow import RepeatedTokenAttnProcessor, encode_text
+    from ddpo.families.attention import RepeatedTokenAttnProcessor
+    from ddpo.shapes.flow import encode_text
 
     pipe = family.pipe
     prompts = ["a red square on a blue background", ""]
     ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids
-    cond = family.encode(prompts, torch.device("cpu"))
     with torch.no_grad():
+        full_embeds, _, full_pooled, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False)
         embeds, pooled = encode_text(pipe.text_encoder, pipe.text_encoder_2, ids)
-        assert torch.equal(embeds, cond["embeds"]) and torch.equal(pooled, cond["pooled"])
+        assert torch.equal(embeds, full_embeds) and torch.equal(pooled, full_pooled)
         x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([250.0, 900.0])
         full = pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=embeds, pooled_projections=pooled,
                                 return_dict=False)[0]

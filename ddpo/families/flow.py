@@ -13,8 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ddpo.families.attention import TEXT_COPIES_KWARG, use_repeated_tokens
 from ddpo.families.base import Cond, Family
 from ddpo.transfer import to_device
+
+T5_TOKENS = 256  # SD3's max_sequence_length: encode_prompt appends this many zero tokens without T5
 
 
 class FlowFamily(Family):
@@ -107,6 +110,9 @@ class SD3Family(FlowFamily):
 
     name = "sd3"
     pipeline_classes = ("StableDiffusion3Pipeline",)
+    # Without T5 the pipeline appends T5_TOKENS identical zero tokens; `encode` keeps one and `predict` counts it
+    # T5_TOKENS times (the same function, float rounding apart). False: the full sequence (benchmarks, tests).
+    repeated_tokens = True
 
     @classmethod
     def _load_kwargs(cls, path: str, revision: str | None) -> dict[str, Any]:
@@ -126,10 +132,24 @@ class SD3Family(FlowFamily):
 
     @torch.no_grad()
     def encode(self, prompts: list[str], device: torch.device) -> Cond:
-        """{"embeds": (B, 77 + L_t5, 4096), "pooled": (B, 2048)} at SD3.5's sizes, by the pipeline's encoder."""
+        """{"embeds": (B, 77 + 256, 4096), "pooled": (B, 2048)} at SD3.5's sizes, by the pipeline's encoder; without
+        T5, embeds (B, 77 + 1, 4096): the 256 zero tokens as one, which `predict` attends to as to 256."""
         embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, None, None, device=device,
-                                                       do_classifier_free_guidance=False)
-        return Cond(embeds=embeds, pooled=pooled)
+                                                       do_classifier_free_guidance=False,
+                                                       max_sequence_length=T5_TOKENS)
+        return Cond(embeds=self._without_repeated_zeros(embeds), pooled=pooled)
+
+    def _short_length(self) -> int:
+        """Text tokens of a shortened encoding: the CLIP tokens and one zero token."""
+        return int(self.pipe.tokenizer_max_length) + 1
+
+    def _without_repeated_zeros(self, embeds: torch.Tensor) -> torch.Tensor:
+        """(B, L_clip + 256, D) -> (B, L_clip + 1, D) when the last 256 tokens are exactly zero (the pipeline has no
+        T5); anything else (a T5, a pipeline that pads otherwise) is kept whole and runs the standard attention."""
+        if (not self.repeated_tokens or self.pipe.text_encoder_3 is not None
+                or embeds.shape[1] != self._short_length() - 1 + T5_TOKENS or embeds[:, -T5_TOKENS:].any()):
+            return embeds
+        return embeds[:, :self._short_length()]
 
     def latent_shape(self, batch: int) -> tuple[int, ...]:
         size = self.resolution // self.pipe.vae_scale_factor
@@ -139,14 +159,24 @@ class SD3Family(FlowFamily):
                 guidance_scale: float) -> torch.Tensor:
         """Velocity (B, C, h, w) with classifier-free guidance; timesteps (B,) in [0, 1000]."""
         if guidance_scale != 1.0:
-            both = Cond.pair(negative, cond)
-            uncond, conditional = model(hidden_states=torch.cat([latents, latents]),
-                                        timestep=torch.cat([timesteps, timesteps]),
-                                        encoder_hidden_states=both["embeds"], pooled_projections=both["pooled"],
-                                        return_dict=False)[0].chunk(2)
+            uncond, conditional = self._velocity(model, torch.cat([latents, latents]),
+                                                 torch.cat([timesteps, timesteps]),
+                                                 Cond.pair(negative, cond)).chunk(2)
             return uncond + guidance_scale * (conditional - uncond)
-        return model(hidden_states=latents, timestep=timesteps, encoder_hidden_states=cond["embeds"],
-                     pooled_projections=cond["pooled"], return_dict=False)[0]
+        return self._velocity(model, latents, timesteps, cond)
+
+    def _velocity(self, model, latents: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The transformer's output (B, C, h, w). A shortened encoding (`encode` without T5) runs with its last token
+        counted T5_TOKENS times (ddpo/families/attention.py), or, on a model whose attention processors are not
+        diffusers' standard ones (xformers, fused projections), with the zero tokens restored."""
+        embeds, extra = cond["embeds"], {}
+        if embeds.shape[1] == self._short_length():
+            if use_repeated_tokens(model):
+                extra = {"joint_attention_kwargs": {TEXT_COPIES_KWARG: T5_TOKENS}}
+            else:
+                embeds = torch.cat([embeds, embeds[:, -1:].expand(-1, T5_TOKENS - 1, -1)], dim=1)
+        return model(hidden_states=latents, timestep=timesteps, encoder_hidden_states=embeds,
+                     pooled_projections=cond["pooled"], return_dict=False, **extra)[0]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -22,15 +22,15 @@ CLI's default).
 The 256 zero tokens: the SD3 pipeline feeds them without T5 (`encode_prompt`'s max_sequence_length 256), so the model
 must be trained with them. They are identical tokens (no positional embedding on text), so every layer treats them
 alike: attention over n copies of a key is attention over one copy whose score is raised by log n. Training uses
-that (`RepeatedTokenAttnProcessor`): 17 text tokens instead of 272, the same function (checked to float rounding in
-tests/test_shapes_flow.py), about half the time per step.
+that (`RepeatedTokenAttnProcessor`, ddpo/families/attention.py): 17 text tokens instead of 272, the same function
+(checked to float rounding in tests/test_shapes_flow.py), about half the time per step. The `sd3` family does the
+same when it samples and trains a pipeline without T5 (ddpo/families/flow.py).
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -140,48 +140,6 @@ def encode_text(text_encoder, text_encoder_2, ids, zero_tokens: int = T5_ZERO_TO
     return torch.cat([clip, zeros], dim=1), torch.cat([out_1[0], out_2[0]], dim=-1)
 
 
-class RepeatedTokenAttnProcessor:
-    """diffusers' JointAttnProcessor2_0 for a sequence whose last text token stands for `copies` identical tokens:
-    its attention score is raised by log(copies), which is exactly attention over the copies (the same outputs,
-    in exact arithmetic). Used only in pretraining; the shipped model runs the standard processor."""
-
-    def __init__(self, copies: int):
-        self.log_copies = math.log(copies)
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        import torch
-        import torch.nn.functional as F
-
-        batch, n_image = hidden_states.shape[0], hidden_states.shape[1]
-
-        def heads(x):
-            return x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-
-        query, key = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states))
-        value = heads(attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        text_q = heads(attn.add_q_proj(encoder_hidden_states))
-        text_k = heads(attn.add_k_proj(encoder_hidden_states))
-        text_v = heads(attn.add_v_proj(encoder_hidden_states))
-        if attn.norm_added_q is not None:
-            text_q = attn.norm_added_q(text_q)
-        if attn.norm_added_k is not None:
-            text_k = attn.norm_added_k(text_k)
-        query, key, value = torch.cat([query, text_q], 2), torch.cat([key, text_k], 2), torch.cat([value, text_v], 2)
-        bias = torch.zeros(1, key.shape[2], dtype=query.dtype, device=query.device)
-        bias[:, -1] = self.log_copies
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * query.shape[-1])
-        hidden_states, encoder_hidden_states = out[:, :n_image], out[:, n_image:]
-        if not attn.context_pre_only:
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        return hidden_states, encoder_hidden_states
-
-
 def train_flow(cfg: FlowPretrainConfig, work_dir: Path, vae_folder: Path | None = None) -> Path:
     """Train the two text encoders + transformer with rectified flow matching on the UNet's cached dataset.
 
@@ -191,6 +149,7 @@ def train_flow(cfg: FlowPretrainConfig, work_dir: Path, vae_folder: Path | None 
     """
     import torch
 
+    from ddpo.families.attention import RepeatedTokenAttnProcessor
     from ddpo.shapes import pipeline_path
     from ddpo.shapes.models import build_tokenizer
     from ddpo.shapes.pretrain import _cosine_lr, _log, encode_dataset, optimizer_step_with_ema
