@@ -117,7 +117,11 @@ class TrainConfig:
     timestep_fraction: float = 1.0
     # DDPO: trained steps of a micro-batch per UNet call (one backward of their summed loss, the same gradient);
     # larger means fewer, larger calls and that many times the activation memory. 1 = one call per step.
-    timesteps_per_call: int = 1
+    # "auto": as many as fit train.activation_memory_gib, measured once at the first update (ddpo/memory.py).
+    timesteps_per_call: int | Literal["auto"] = "auto"
+    # The activation memory timesteps_per_call=auto may fill, in GiB. "auto": half of the free GPU memory (after
+    # the first optimizer step's gradients and moments), or on a CPU a quarter of the available RAM, at most 4 GiB.
+    activation_memory_gib: float | Literal["auto"] = "auto"
     cfg: bool = True  # recompute log-probs with classifier-free guidance, as they were sampled
     rwr_temperature: float = 0.2  # beta in exp(r / beta), on normalised rewards
     rwr_sparse_quantile: float = 0.9  # rwr_sparse keeps samples with reward >= this quantile
@@ -334,7 +338,15 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _check_type(key, value, inner[0])
+        if len(inner) == 1:
+            return _check_type(key, value, inner[0])
+        for option in inner:  # e.g. int | Literal["auto"]: the first that accepts the value
+            try:
+                return _check_type(key, value, option)
+            except ConfigError:
+                if isinstance(option, type) and isinstance(value, option) and not isinstance(value, bool):
+                    raise  # the right type, a bad value (a float that is not finite): that option's message
+        raise ConfigError(f"{key}={value!r} is not valid; give {' or '.join(map(_describe, inner))}")
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, got {value!r}")
@@ -355,6 +367,14 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
     if hint is Any or (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         return value
     raise ConfigError(f"{key} must be of type {hint.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _describe(hint: Any) -> str:
+    """How an error names one option of a union: "an int", "a float", "'auto'"."""
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(repr(choice) for choice in typing.get_args(hint))
+    name = getattr(hint, "__name__", str(hint))
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def _check_plain(key: str, value: Any) -> None:

@@ -5,8 +5,12 @@ log-probability; RWR (rwr, rwr_sparse) and DiffusionNFT (nft) train on the final
 Gradients accumulate over `timestep_fraction * T` timesteps and `gradient_accumulation_steps`
 micro-batches before each optimizer step; DDP synchronises them only on the last backward of a step.
 DDPO sends `train.timesteps_per_call` steps of each sample of a micro-batch through the denoiser in one call
-(per-row timesteps) with one backward of their summed loss: the same gradient as one backward per step, fewer and
-larger calls, and K times the activation memory. 1 is one call per step.
+(per-row timesteps) with one backward of their summed loss: the same gradient as one backward per step (up to float
+rounding), fewer and larger calls, and K times the activation memory. 1 is one call per step, bit for bit the
+per-step update. `auto` (the default) takes as many as fit `train.activation_memory_gib`: the first update measures
+the bytes one step of a micro-batch saves for backward (ddpo/memory.py: two forward passes, no backward, no
+gradient, no draw from training's random streams), and every process uses the smallest choice of all; the number
+used is `timesteps_per_call` in the epoch's metrics. RWR and NFT train one random time per sample: one per call.
 
 Every optimizer step first checks that its losses and gradient norm are finite (all processes agree): a
 non-finite step raises `NonFiniteError` naming the likely cause (train.on_nonfinite=error), or is dropped with the
@@ -24,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ddpo.losses import NonFiniteError, rwr_sparse_weights, rwr_weights
+from ddpo.memory import resolve_timesteps_per_call
 from ddpo.objectives import DDPO_LOSSES, ddpo_chunk_loss, forward_noising_loss
 from ddpo.rollout import Rollout, derive_seed
 
@@ -62,7 +67,8 @@ def policy_update(unet, family, optimizer, accelerator, params: list, rollout: R
     start_params = [p.detach().clone() for p in params] if t.algorithm == "nft" and several else None
     steps_per_sample = max(1, int(int(trainable.sum()) * t.timestep_fraction))
     accumulation = t.gradient_accumulation_steps * steps_per_sample
-    chunk = t.timesteps_per_call if t.algorithm in DDPO_LOSSES else 1  # RWR: one call per step
+    chunk = _timesteps_per_call(unet, family, optimizer, accelerator, params, rollout, weights, config, trainable,
+                                steps_per_sample)
     kept: dict[str, list[torch.Tensor]] = {"loss": [], "kl": [], "clipfrac": [], "kl_ref": []}
     step_stats: dict[str, list[torch.Tensor]] = {key: [] for key in kept}  # of the optimizer step being accumulated
     nonfinite, optimizer_steps, fp16_skipped, grad_norms = 0, 0, 0, []
@@ -121,7 +127,32 @@ def policy_update(unet, family, optimizer, accelerator, params: list, rollout: R
             "clipfrac": _mean(accelerator, kept["clipfrac"]) if ddpo else None,
             **({"kl_ref": _mean(accelerator, kept["kl_ref"])} if ddpo and t.kl_coef > 0 else {}),
             "nonfinite_steps": nonfinite, "optimizer_steps": optimizer_steps, "fp16_skipped_steps": fp16_skipped,
-            "grad_norm": _finite_mean(grad_norms)}
+            "grad_norm": _finite_mean(grad_norms), "timesteps_per_call": chunk}
+
+
+def _timesteps_per_call(unet, family, optimizer, accelerator, params: list, rollout: Rollout, weights: torch.Tensor,
+                        config, trainable: torch.Tensor, steps_per_sample: int) -> int:
+    """Trained timesteps per denoiser call: 1 for RWR and NFT (one random time per sample), the configured number
+    for DDPO, or with `auto` the most whose activations fit the budget (ddpo/memory.py; measured once, cached)."""
+    t = config.train
+    if t.algorithm not in DDPO_LOSSES:
+        return 1
+    if t.timesteps_per_call != "auto":
+        return min(t.timesteps_per_call, steps_per_sample)
+    model = getattr(unet, "module", unet)  # the bare model: a forward without backward must not arm DDP's reducer
+    steps = trainable.nonzero().flatten()  # which steps does not matter for memory: the first trainable ones
+    idx = torch.arange(min(t.batch_size, len(rollout.prompts)))
+
+    def chunk_loss(k: int):  # (b,) samples at k steps each: the training call's shapes, dtypes and autocast
+        with accelerator.autocast():
+            return ddpo_chunk_loss(model, family, rollout, idx, steps[:k].expand(len(idx), k), weights, config)
+
+    latent_shape = tuple(rollout.trajectories.latents.shape[2:])
+    key = (len(idx), steps_per_sample, latent_shape, t.algorithm, t.cfg, t.kl_coef > 0, t.activation_memory_gib,
+           config.model.mixed_precision, config.model.gradient_checkpointing)
+    has_state = any(len(state) > 0 for state in optimizer.state.values()) if hasattr(optimizer, "state") else False
+    return resolve_timesteps_per_call(model, key, steps_per_sample, chunk_loss, accelerator, params, has_state,
+                                      t.activation_memory_gib)
 
 
 def _finite_mean(values: list[torch.Tensor]) -> float | None:

@@ -61,8 +61,12 @@ def validate(c: Config) -> None:
                  f"stale samples). Set train.gradient_accumulation_steps={micro_batches} (one step per epoch), or use "
                  "train.algorithm=ddpo_is (importance sampling, made for several steps)")
     _require(0 < t.timestep_fraction <= 1, f"train.timestep_fraction={t.timestep_fraction} must be in (0, 1]")
-    _require(t.timesteps_per_call >= 1,
-             f"train.timesteps_per_call={t.timesteps_per_call} must be >= 1 (1 = one UNet call per step)")
+    _require(t.timesteps_per_call == "auto" or t.timesteps_per_call >= 1,
+             f"train.timesteps_per_call={t.timesteps_per_call} must be >= 1 (1 = one UNet call per step) or auto (as "
+             "many as fit train.activation_memory_gib)")
+    _require(t.activation_memory_gib == "auto" or t.activation_memory_gib > 0,
+             f"train.activation_memory_gib={t.activation_memory_gib} must be > 0 (GiB that "
+             "train.timesteps_per_call=auto may fill) or auto (a share of the free device memory)")
     _require(t.clip_range > 0, f"train.clip_range={t.clip_range} must be > 0")
     _require(t.adv_clip_max > 0, f"train.adv_clip_max={t.adv_clip_max} must be > 0")
     _require(t.kl_coef >= 0, f"train.kl_coef={t.kl_coef} must be >= 0 (0 turns the KL penalty off)")

@@ -93,7 +93,7 @@ def _assert_same(a, b, atol=1e-10):
 def test_timesteps_per_call_gives_the_gradient_and_statistics_of_one_call_per_step(setup, extra):
     one = _update(setup, *extra, "train.timesteps_per_call=1")
     assert 0 < one[1]["clipfrac"] < 1 and one[1]["approx_kl"] > 0  # some ratios clipped, not all: it can fail
-    for k in (2, 3, STEPS):
+    for k in (2, 3, STEPS, "auto"):  # auto: all STEPS here (the tiny model's activations fit any budget)
         _assert_same(one, _update(setup, *extra, f"train.timesteps_per_call={k}"))
 
 
@@ -120,8 +120,9 @@ def test_each_call_takes_the_same_steps_per_sample(setup, monkeypatch):
 
 
 def test_rwr_is_unaffected(setup):
-    _assert_same(_update(setup, "train.algorithm=rwr", "train.timesteps_per_call=1"),
-                 _update(setup, "train.algorithm=rwr", f"train.timesteps_per_call={STEPS}"))
+    one = _update(setup, "train.algorithm=rwr", "train.timesteps_per_call=1")
+    for k in (STEPS, "auto"):
+        _assert_same(one, _update(setup, "train.algorithm=rwr", f"train.timesteps_per_call={k}"))
 
 
 def test_timesteps_per_call_below_one_is_refused():
