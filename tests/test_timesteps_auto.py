@@ -154,6 +154,19 @@ def test_the_budget_is_a_share_of_free_memory_or_the_configured_gib(monkeypatch)
     assert memory.budget_bytes("auto", cpu, [], False)[0] == memory.CPU_CAP_GIB * 2**30
 
 
+def test_on_cuda_the_budget_is_half_the_free_memory_after_the_first_step_s_gradients_and_moments(monkeypatch):
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 3 * gib)  # 2 GiB cached, free to reuse
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 1 * gib)
+    params = [torch.zeros(1).expand(gib // 4)]  # 1 GiB of fp32 parameters (a view: no memory here)
+    cuda = torch.device("cuda", 0)
+    # Before the first step: 10 + 2 GiB less 1 GiB of gradients and 2 GiB of AdamW moments, halved.
+    assert memory.budget_bytes("auto", cuda, params, optimizer_has_state=False)[0] == 4.5 * gib
+    assert memory.budget_bytes("auto", cuda, params, optimizer_has_state=True)[0] == 6 * gib
+    assert memory.budget_bytes(2, cuda, params, optimizer_has_state=False)[0] == 2 * gib  # as configured
+
+
 def test_available_ram_without_psutil_reads_proc_meminfo(monkeypatch):
     import sys
 
