@@ -18,8 +18,8 @@ transient tensors (activation gradients, workspaces). On a CPU the measure match
 `shapes_alignment` micro-batch's graph holds (1, 2 and 10 steps per call) to about 1%.
 
 The choice is made once per model and settings (the first update) and cached; every process takes the smallest
-of all processes' choices, so DDP and FSDP ranks make the same calls. A resumed run measures again (with other
-free memory it may choose another number: the same gradient up to float rounding). A gradient-checkpointed
+of all processes' choices, so DDP and FSDP ranks make the same calls. A checkpoint records the choice
+(`timesteps_per_call` in trainer_state.json) and a resumed run takes it without measuring, so the resume is exact. A gradient-checkpointed
 denoiser saves only its segments' inputs, so the measure leaves out the one segment that backward recomputes at
 a time.
 """
@@ -41,6 +41,25 @@ CPU_CAP_GIB = 4.0
 
 # model -> {settings key: chosen timesteps per call}; weak, so a model's choices go with it.
 _CHOSEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# model -> the value a resumed run's checkpoint recorded: used instead of measuring, so the resume is exact.
+_PINNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def chosen_timesteps(model) -> int | None:
+    """The timesteps per call auto last chose (or was pinned to) for `model`; None before its first update."""
+    if model is None:
+        return None
+    if model in _PINNED:
+        return _PINNED[model]
+    choices = list(_CHOSEN.get(model, {}).values())
+    return choices[-1] if choices else None
+
+
+def pin_timesteps(model, value: int | None) -> None:
+    """Make auto use `value` for `model` without measuring: a resumed run takes the choice its checkpoint
+    recorded, because another free-memory figure could choose another value and change the float rounding."""
+    if value is not None:
+        _PINNED[model] = int(value)
 
 
 def saved_bytes(fn: Callable[[], object]) -> int:
@@ -128,6 +147,8 @@ def resolve_timesteps_per_call(model, key: tuple, steps_per_sample: int, chunk_l
 
     `chunk_loss(k)`: the DDPO loss of one micro-batch at k timesteps per sample, run as training runs it (under
     autocast). Every process must call this together (it gathers)."""
+    if model in _PINNED:
+        return _PINNED[model]
     cached = _CHOSEN.get(model, {})
     if key in cached:
         return cached[key]

@@ -29,6 +29,7 @@ from ddpo import sharding
 from ddpo.advantages import PerPromptStatTracker, batch_advantages, group_advantages, group_relative_advantages
 from ddpo.config import Config, ConfigError, config_from_file, save_config
 from ddpo.losses import NonFiniteError
+from ddpo.memory import chosen_timesteps, pin_timesteps
 from ddpo.metrics import append_metrics, epoch_line, run_folder_line, save_grid, truncate_metrics
 from ddpo.pipeline import load_trained_weights, prepare_denoiser, save_trained_weights, speed_options
 from ddpo.reward_pool import RewardPool
@@ -312,7 +313,8 @@ def _save(run_dir, epoch, accelerator, family, unet, optimizer, params, tracker,
         done = epoch + 1
         state = {"epoch": done, "epochs_done": done, "num_processes": accelerator.num_processes, "rng": ckpt.rng_state(),
                  "stat_tracker": tracker.state_dict() if tracker is not None else None,
-                 "grad_scaler": grad_scaler_state(accelerator)}
+                 "grad_scaler": grad_scaler_state(accelerator),
+                 "timesteps_per_call": chosen_timesteps(policy)}  # auto's choice: a resume makes the same calls
         with _signals_deferred():
             ckpt.write_checkpoint(run_dir, done,
                                   weights_writer=lambda folder: save_trained_weights(family, policy, folder,
@@ -372,6 +374,7 @@ def _restore(folder: Path, accelerator, family, unet, optimizer, tracker, config
         tracker.load_state_dict({**state["stat_tracker"], "buffer_size": tracker.buffer_size,
                                  "min_count": tracker.min_count})
     load_grad_scaler_state(accelerator, state.get("grad_scaler"))  # fp16: the loss scale the run had reached
+    pin_timesteps(policy, state.get("timesteps_per_call"))  # train.timesteps_per_call=auto: the run's choice
     ckpt.set_rng_state(state["rng"])
     done = ckpt.epochs_done(state)
     logger.info("resumed from %s (%d epochs done)", folder, done)

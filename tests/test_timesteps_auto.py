@@ -86,8 +86,10 @@ def _update(setup, *overrides, accelerator=None):
 def _fresh_choices():
     """Each test measures afresh: the cache of choices is per model, and the fixture's model is shared."""
     memory._CHOSEN.clear()
+    memory._PINNED.clear()
     yield
     memory._CHOSEN.clear()
+    memory._PINNED.clear()
 
 
 def _per_step(setup) -> int:
@@ -315,3 +317,26 @@ def test_a_run_with_auto_logs_and_records_its_choice(tmp_path, caplog):
     chosen = [r.getMessage() for r in caplog.records if "train.timesteps_per_call=auto" in r.getMessage()]
     assert len(chosen) == 1 and f"{STEPS} of {STEPS} trained steps per call" in chosen[0]  # measured once
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["timesteps_per_call"] == STEPS
+
+
+def test_a_resumed_run_takes_the_choice_its_checkpoint_recorded(tmp_path, monkeypatch):
+    """Another free-memory figure at resume would choose another value (other float rounding): the checkpoint's
+    choice wins, and the resumed epochs equal an uninterrupted run's."""
+    from ddpo.checkpoint import read_trainer_state
+    from ddpo.metrics import read_metrics
+    from ddpo.trainer import train
+
+    def run(name: str, epochs: int, resume=None):
+        return train(load_config("tiny_cpu", [f"logging.output_dir={tmp_path}", f"logging.run_name={name}",
+                                              f"train.num_epochs={epochs}", "logging.sample_grid=false",
+                                              "logging.save_every=1"]), resume=resume)
+
+    whole = run("whole", 2)
+    first = run("part", 1)
+    assert read_trainer_state(first / "checkpoints" / "epoch_0001")["timesteps_per_call"] == STEPS
+    memory._CHOSEN.clear()
+    monkeypatch.setattr(memory, "budget_bytes", lambda *a, **k: (1.0, "a tiny budget"))  # measuring would give 1
+    resumed = run("part", 2, resume=str(first))
+    rows, expected = read_metrics(resumed / "metrics.jsonl"), read_metrics(whole / "metrics.jsonl")
+    assert [row["timesteps_per_call"] for row in rows] == [STEPS, STEPS]
+    assert rows[1]["loss"] == expected[1]["loss"] and rows[1]["reward_mean"] == expected[1]["reward_mean"]
