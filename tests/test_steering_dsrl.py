@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ddpo.steering.bc import train_bc
-from ddpo.steering.dsrl_na import DSRLNA, DSRLNAConfig, ReplayBuffer
+from ddpo.steering.dsrl_na import DSRLNA, Batch, DSRLNAConfig, ReplayBuffer
 from ddpo.steering.envs import make_env, two_goal_expert
 from ddpo.steering.evaluate import base_actor, rollout, steered_actor
 from ddpo.steering.experts import Demos
@@ -69,7 +69,7 @@ def test_dsrl_na_steers_the_two_goal_policy_to_the_rewarded_goal(toy_policy):
         warm = decisions <= 100
         noise = np.clip(rng.standard_normal(8), -1.5, 1.5) if warm else agent.act(obs, deterministic=False)
         next_obs, reward, terminated, truncated, info = env.step(noise)
-        buffer.add(obs, info["action_chunk"], reward, next_obs, terminated)
+        buffer.add(obs, info["action_chunk"], reward, next_obs, terminated, config.gamma ** info["env_steps"])
         obs = env.reset()[0] if terminated or truncated else next_obs
         if not warm:
             agent.update(buffer.sample(config.batch_size, rng))
@@ -99,7 +99,7 @@ def test_dsrl_na_save_load_round_trip(tmp_path, toy_policy):
     agent = DSRLNA(toy_policy, 2, DSRLNAConfig(hidden=32, batch_size=8))
     buffer, rng = ReplayBuffer(100, 2, 8), np.random.default_rng(0)
     for i in range(20):
-        buffer.add(rng.normal(size=2), rng.normal(size=8), float(i), rng.normal(size=2), i % 5 == 0)
+        buffer.add(rng.normal(size=2), rng.normal(size=8), float(i), rng.normal(size=2), i % 5 == 0, 0.9)
     agent.update(buffer.sample(8, rng))
     agent.save(tmp_path)
     buffer.save(tmp_path / "replay.npz")
@@ -175,8 +175,9 @@ def test_offline_demonstrations_go_into_the_replay_buffer_as_chunk_transitions()
     from ddpo.steering.train_na import add_offline_demos
 
     buffer = ReplayBuffer(20_000, 3, 4)
-    added = add_offline_demos(buffer, "Pendulum-v1", seed=0)
+    added = add_offline_demos(buffer, "Pendulum-v1", seed=0, gamma=0.99)
     assert added == buffer.size == 5_000  # 100 episodes x 50 chunks of 4 steps
+    np.testing.assert_allclose(buffer.discounts[:added], 0.99**4, rtol=1e-6)
     assert np.all(np.abs(buffer.actions[:added]) <= 2.0) and np.all(buffer.rewards[:added] <= 0)
     assert np.all(np.isfinite(buffer.next_obs[:added]))
 
@@ -189,3 +190,65 @@ def test_cli_list_shows_the_shipped_base_policies(capsys, tmp_path):
     shipped = {p["env_id"] for p in listing["base_policies"]}
     assert shipped == {"Pendulum-v1", "Reacher-v5", "FetchPush-v4", "FetchPickAndPlace-v4"}
     assert listing["runs"] == []
+
+
+def test_chunk_rewards_are_discounted_per_environment_step():
+    from ddpo.steering.dsrl_na import discounted_chunk
+
+    assert discounted_chunk([-1, -1, -1, -1], 0.5) == pytest.approx((-1.875, 0.0625))
+    assert discounted_chunk([-1, 0], 0.5) == pytest.approx((-1.0, 0.25))  # a chunk the time limit cut short
+    with pytest.raises(ValueError):
+        discounted_chunk([], 0.5)
+
+
+def test_truncated_episodes_bootstrap_and_a_cut_chunk_is_discounted_by_the_steps_it_ran():
+    # Reacher-v5 never terminates; its 50-step limit truncates the 13th chunk after 2 of its 4 steps.
+    from ddpo.steering.policy import CallablePolicy
+    from ddpo.steering.train_na import step_and_store
+
+    policy = CallablePolicy(lambda obs, noise: 0.1 * noise, obs_dim=10, act_dim=2, horizon=4)
+    env, buffer, gamma = NoiseActionEnv(make_env("Reacher-v5"), policy), ReplayBuffer(20, 10, 8), 0.9
+    obs, _ = env.reset(seed=0)
+    done, rewards = False, []
+    while not done:
+        obs, terminated, truncated, info = step_and_store(env, buffer, obs, np.full(8, 0.5, np.float32), gamma)
+        rewards.append(info["step_rewards"])
+        done = terminated or truncated
+    assert truncated and buffer.size == 13
+    assert not buffer.dones[:13].any(), "a time limit is not a terminal state: the TD target must bootstrap"
+    np.testing.assert_allclose(buffer.discounts[:13], [gamma**4] * 12 + [gamma**2], rtol=1e-6)
+    last = rewards[-1]
+    assert len(last) == 2 and buffer.rewards[12] == pytest.approx(last[0] + gamma * last[1], rel=1e-5)
+
+
+def test_td_target_uses_each_transitions_discount_and_zeroes_only_terminal_ones(toy_policy):
+    config = DSRLNAConfig(hidden=16, batch_size=4, backup_entropy=False, tau=0.0)  # tau 0: targets stay put
+    agent = DSRLNA(toy_policy, 2, config)
+    with torch.no_grad():  # target critics output the constant -10 whatever the input
+        for target in (agent.qa1_target, agent.qa2_target):
+            target[-1].weight.zero_()
+            target[-1].bias.fill_(-10.0)
+    for done, discount, expected in ((0.0, 0.5, -1.0 + 0.5 * -10.0), (1.0, 0.5, -1.0), (0.0, 0.9, -1.0 + 0.9 * -10.0)):
+        batch = Batch(torch.zeros(4, 2), torch.zeros(4, 8), torch.full((4,), -1.0), torch.zeros(4, 2),
+                      torch.full((4,), done), torch.full((4,), discount))
+        assert agent.update(batch)["q_mean"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_actor_and_critics_see_observations_standardised_with_the_base_policys_statistics(toy_policy):
+    agent = DSRLNA(toy_policy, 2, DSRLNAConfig(hidden=16))
+    mean, std = toy_policy.obs_mean, toy_policy.obs_std
+    np.testing.assert_allclose(agent.normalize(mean[None]).numpy(), 0.0, atol=1e-6)
+    np.testing.assert_allclose(agent.normalize((mean + std)[None]).numpy(), 1.0, rtol=1e-5)
+    assert agent.normalize((mean + 100 * std)[None]).max().item() == 5.0  # clipped: a rare outlier stays bounded
+    raw = DSRLNA(toy_policy, 2, DSRLNAConfig(hidden=16, normalize_obs=False))
+    np.testing.assert_allclose(raw.normalize(mean[None]).numpy(), mean[None].numpy(), rtol=1e-6)
+
+
+def test_base_kl_regulariser_raises_the_temperature_only_when_the_actor_strays_from_the_base_noise(toy_policy):
+    agent = DSRLNA(toy_policy, 2, DSRLNAConfig(hidden=16, regularizer="base_kl", target_kl=0.5))
+    near = agent.penalty(torch.zeros(1000, 8), torch.distributions.Normal(0.0, 1.0).log_prob(torch.zeros(1000, 8)).sum(-1))
+    assert near.abs().max().item() < 1e-5  # pi^W = N(0, I) at w = 0: no penalty
+    for penalty, alpha_goes_up in ((torch.full((4,), 20.0), True), (torch.full((4,), 1.0), False)):
+        agent.log_alpha.grad = None
+        agent.alpha_loss(penalty).backward()
+        assert (agent.log_alpha.grad.item() < 0) == alpha_goes_up  # gradient descent: negative grad raises alpha

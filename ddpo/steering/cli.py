@@ -47,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-episodes", type=int, default=10)
     train.add_argument("--checkpoint-every", type=int, default=5000)
     train.add_argument("--updates-per-decision", type=int, default=1)
+    train.add_argument("--gamma", type=float, default=None,
+                       help="DSRL discount per environment step (default: the env's; Fetch 0.98, others 0.99 per 4-step chunk)")
+    train.add_argument("--init-alpha", type=float, default=None,
+                       help="DSRL initial entropy temperature (default: the env's; Fetch 0.01, others 1.0)")
     train.add_argument("--offline-demos", action="store_true", help="dsrl_na: add degraded demos to the replay buffer")
     train.add_argument("--no-video", action="store_true")
     train.add_argument("--name", default=None, help="run folder name (default: ENV_METHOD_sSEED)")
@@ -102,6 +106,7 @@ def _train(args) -> int:
         noise_bound=args.noise_bound, warm_start_steps=args.warm_start_steps, eval_every=args.eval_every,
         eval_episodes=args.eval_episodes, checkpoint_every=args.checkpoint_every,
         updates_per_decision=args.updates_per_decision, offline_demos=args.offline_demos, video=not args.no_video,
+        gamma=args.gamma, init_alpha=args.init_alpha,
     )
     run_dir = Path(args.runs_dir) / (args.name or f"{args.env}_{args.method}_s{args.seed}")
     print(f"run folder: {train(config, run_dir)}")

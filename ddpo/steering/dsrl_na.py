@@ -10,6 +10,7 @@ Because Q^A is defined on actions, offline (s, a, r, s') demonstrations can go i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -27,13 +28,33 @@ class DSRLNAConfig:
     noise_bound: float = 1.5
     hidden: int = 256
     layers: int = 2
-    gamma: float = 0.99  # per decision (one action chunk)
+    gamma: float = 0.99  # per environment step; a chunk of k steps is discounted by gamma ** k (discounted_chunk)
     tau: float = 0.005
     lr: float = 3e-4
     batch_size: int = 256
     buffer_size: int = 100_000
     updates_per_decision: int = 1
     distill_steps: int = 1  # Q^W regression steps per update
+    init_alpha: float = 1.0  # initial entropy temperature (tuned automatically from there)
+    backup_entropy: bool = True  # soft TD target (- alpha log pi) on Q^A; False: Q^A is the task return only
+    # The actor's regulariser: "entropy" (SAC: maximise H(pi^W), temperature tuned to a target entropy of
+    # -noise_dim) or "base_kl" (minimise KL(pi^W || N(0, I)), the base policy's own noise, tuned to
+    # target_kl nats per noise dimension): a high temperature then means "act like the base policy", not
+    # "act uniformly over the box".
+    regularizer: str = "entropy"
+    target_kl: float = 0.5
+    # Standardise observations for the actor and critics with the base policy's statistics (clipped to +-5).
+    # Fetch positions sit near 1.3 m with spreads of a few cm: raw, the block-to-goal distance is lost.
+    normalize_obs: bool = True
+
+
+def discounted_chunk(step_rewards, gamma: float) -> tuple[float, float]:
+    """(sum_i gamma^i r_i, gamma^k) for the k rewards a chunk collected: the reward and bootstrap discount of
+    one chunk transition, so the chunk-level TD target equals the step-level return whatever k is."""
+    rewards = np.asarray(step_rewards, np.float64).reshape(-1)
+    if rewards.size == 0:
+        raise ValueError("a chunk transition needs at least one environment step")
+    return float(np.sum(gamma ** np.arange(rewards.size) * rewards)), float(gamma**rewards.size)
 
 
 def mlp(in_dim: int, out_dim: int, hidden: int, layers: int) -> nn.Sequential:
@@ -70,15 +91,16 @@ class NoiseActor(nn.Module):
 class Batch(NamedTuple):
     obs: torch.Tensor  # (B, obs_dim)
     actions: torch.Tensor  # (B, H*A) executed chunk, env units
-    rewards: torch.Tensor  # (B,) summed over the chunk
+    rewards: torch.Tensor  # (B,) the chunk's rewards, discounted per environment step inside it
     next_obs: torch.Tensor  # (B, obs_dim)
-    dones: torch.Tensor  # (B,) 1.0 on termination (not truncation)
+    dones: torch.Tensor  # (B,) 1.0 on termination (not truncation: a time limit still bootstraps)
+    discounts: torch.Tensor  # (B,) gamma_step ** (steps the chunk ran): what next_obs's value is worth
 
 
 class ReplayBuffer:
     """A ring buffer of chunk transitions, numpy arrays (saved as .npz, no pickle)."""
 
-    fields = ("obs", "actions", "rewards", "next_obs", "dones")
+    fields = ("obs", "actions", "rewards", "next_obs", "dones", "discounts")
 
     def __init__(self, capacity: int, obs_dim: int, action_dim: int):
         self.capacity, self.pos, self.size = capacity, 0, 0
@@ -87,11 +109,16 @@ class ReplayBuffer:
         self.rewards = np.zeros(capacity, np.float32)
         self.next_obs = np.zeros((capacity, obs_dim), np.float32)
         self.dones = np.zeros(capacity, np.float32)
+        self.discounts = np.zeros(capacity, np.float32)
 
-    def add(self, obs, actions, reward, next_obs, done) -> None:
+    def add(self, obs, actions, reward, next_obs, done, discount: float) -> None:
+        """One chunk transition; `discount` multiplies next_obs's value in the TD target (gamma ** k for a
+        chunk of k environment steps), so a chunk cut short by the episode's end is discounted by what ran."""
+        if not 0.0 <= discount <= 1.0:
+            raise ValueError(f"discount must be in [0, 1], got {discount}")
         i = self.pos
         self.obs[i], self.actions[i], self.rewards[i] = obs, np.asarray(actions).reshape(-1), reward
-        self.next_obs[i], self.dones[i] = next_obs, float(done)
+        self.next_obs[i], self.dones[i], self.discounts[i] = next_obs, float(done), discount
         self.pos, self.size = (i + 1) % self.capacity, min(self.size + 1, self.capacity)
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> Batch:
@@ -103,6 +130,9 @@ class ReplayBuffer:
 
     def load(self, path: str | Path) -> None:
         with np.load(path, allow_pickle=False) as data:
+            missing = [name for name in self.fields if name not in data]
+            if missing:
+                raise ValueError(f"{path} lacks {missing}: a replay buffer from an older version; start a new run")
             for name in self.fields:
                 getattr(self, name)[...] = data[name]
             self.pos, self.size = int(data["pos"]), int(data["size"])
@@ -125,8 +155,15 @@ class DSRLNA(nn.Module):
         self.qa1_target.load_state_dict(self.qa1.state_dict())
         self.qa2_target.load_state_dict(self.qa2.state_dict())
         self.qw = mlp(obs_dim + noise_dim, 1, *sizes)
-        self.log_alpha = nn.Parameter(torch.zeros(1))
+        mean, std = torch.zeros(obs_dim), torch.ones(obs_dim)
+        if config.normalize_obs and hasattr(policy, "obs_mean") and hasattr(policy, "obs_std"):
+            mean, std = policy.obs_mean.detach().clone().float(), policy.obs_std.detach().clone().float()
+        self.register_buffer("obs_mean", mean)
+        self.register_buffer("obs_std", std)
+        self.log_alpha = nn.Parameter(torch.full((1,), math.log(config.init_alpha)))
         self.target_entropy = -float(noise_dim)
+        if config.regularizer not in ("entropy", "base_kl"):
+            raise ValueError(f"regularizer must be 'entropy' or 'base_kl', got {config.regularizer!r}")
         self.qa_optimizer = torch.optim.Adam([*self.qa1.parameters(), *self.qa2.parameters()], lr=config.lr)
         self.qw_optimizer = torch.optim.Adam(self.qw.parameters(), lr=config.lr)
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.lr)
@@ -137,19 +174,39 @@ class DSRLNA(nn.Module):
         with torch.no_grad():
             return self.policy(obs, noise.view(-1, *self.noise_shape)).flatten(1)
 
+    def normalize(self, obs: torch.Tensor) -> torch.Tensor:
+        """What the actor and critics see: (obs - mean) / std, clipped to +-5 (the frozen policy gets raw obs)."""
+        return ((obs - self.obs_mean) / self.obs_std).clamp(-5.0, 5.0)
+
     def min_qa(self, obs: torch.Tensor, actions: torch.Tensor, target: bool = False) -> torch.Tensor:
         q1, q2 = (self.qa1_target, self.qa2_target) if target else (self.qa1, self.qa2)
         obs_actions = torch.cat([obs, actions], dim=-1)
         return torch.min(q1(obs_actions), q2(obs_actions)).squeeze(-1)
 
+    def penalty(self, noise: torch.Tensor, log_prob: torch.Tensor) -> torch.Tensor:
+        """What alpha weighs, per sample (B,): log pi^W(w|s) (entropy), or log pi^W(w|s) - log N(w; 0, I),
+        a one-sample estimate of KL(pi^W || N(0, I)) (base_kl)."""
+        if self.config.regularizer == "entropy":
+            return log_prob
+        return log_prob - torch.distributions.Normal(0.0, 1.0).log_prob(noise).sum(-1)
+
+    def alpha_loss(self, penalty: torch.Tensor) -> torch.Tensor:
+        """Raise alpha when the actor is less random (entropy) or further from N(0, I) (base_kl) than its target."""
+        if self.config.regularizer == "entropy":
+            return -(self.log_alpha * (penalty + self.target_entropy)).mean()
+        return (self.log_alpha * (self.config.target_kl * self.noise_dim - penalty)).mean()
+
     def update(self, batch: Batch) -> dict[str, float]:
         """One DSRL-NA update: soft TD on Q^A, distil Q^W, improve pi^W, tune alpha, move the targets."""
         alpha = self.log_alpha.exp().detach()
         with torch.no_grad():
-            next_noise, next_log_prob = self.actor(batch.next_obs)
-            next_q = self.min_qa(batch.next_obs, self.decode(batch.next_obs, next_noise), target=True)
-            td_target = batch.rewards + self.config.gamma * (1 - batch.dones) * (next_q - alpha * next_log_prob)
-        obs_actions = torch.cat([batch.obs, batch.actions], dim=-1)
+            obs_n, next_obs_n = self.normalize(batch.obs), self.normalize(batch.next_obs)
+            next_noise, next_log_prob = self.actor(next_obs_n)
+            next_q = self.min_qa(next_obs_n, self.decode(batch.next_obs, next_noise), target=True)
+            if self.config.backup_entropy:
+                next_q = next_q - alpha * self.penalty(next_noise, next_log_prob)
+            td_target = batch.rewards + batch.discounts * (1 - batch.dones) * next_q
+        obs_actions = torch.cat([obs_n, batch.actions], dim=-1)
         qa_loss = F.mse_loss(self.qa1(obs_actions).squeeze(-1), td_target) + F.mse_loss(
             self.qa2(obs_actions).squeeze(-1), td_target
         )
@@ -162,19 +219,20 @@ class DSRLNA(nn.Module):
             noise = torch.randn(batch.obs.shape[0], self.noise_dim)
             noise = noise.clamp(-self.config.noise_bound, self.config.noise_bound)
             with torch.no_grad():
-                qw_target = self.min_qa(batch.obs, self.decode(batch.obs, noise))
-            qw_loss = F.mse_loss(self.qw(torch.cat([batch.obs, noise], dim=-1)).squeeze(-1), qw_target)
+                qw_target = self.min_qa(obs_n, self.decode(batch.obs, noise))
+            qw_loss = F.mse_loss(self.qw(torch.cat([obs_n, noise], dim=-1)).squeeze(-1), qw_target)
             self.qw_optimizer.zero_grad(set_to_none=True)
             qw_loss.backward()
             self.qw_optimizer.step()
 
-        noise, log_prob = self.actor(batch.obs)
-        actor_loss = (alpha * log_prob - self.qw(torch.cat([batch.obs, noise], dim=-1)).squeeze(-1)).mean()
+        noise, log_prob = self.actor(obs_n)
+        penalty = self.penalty(noise, log_prob)
+        actor_loss = (alpha * penalty - self.qw(torch.cat([obs_n, noise], dim=-1)).squeeze(-1)).mean()
         self.actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_optimizer.step()
 
-        alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
+        alpha_loss = self.alpha_loss(penalty.detach())
         self.alpha_optimizer.zero_grad(set_to_none=True)
         alpha_loss.backward()
         self.alpha_optimizer.step()
@@ -183,11 +241,18 @@ class DSRLNA(nn.Module):
             for net, target in ((self.qa1, self.qa1_target), (self.qa2, self.qa2_target)):
                 for param, target_param in zip(net.parameters(), target.parameters()):
                     target_param.lerp_(param, self.config.tau)
-        return {"qa_loss": qa_loss.item(), "qw_loss": qw_loss.item(), "actor_loss": actor_loss.item(), "alpha": alpha.item()}
+        with torch.no_grad():  # how often the actor sits at the box's edge (sampled, and its mean)
+            edge = 0.95 * self.config.noise_bound
+            saturated = (noise.detach().abs() > edge).float().mean()
+            mean_saturated = (self.actor.deterministic(obs_n).abs() > edge).float().mean()
+        return {"qa_loss": qa_loss.item(), "qw_loss": qw_loss.item(), "actor_loss": actor_loss.item(), "alpha": alpha.item(),
+                "q_mean": td_target.mean().item(), "log_prob": log_prob.mean().item(),
+                "penalty": penalty.mean().item(), "saturation": saturated.item(),
+                "mean_saturation": mean_saturated.item()}
 
     def act(self, obs: np.ndarray, deterministic: bool) -> np.ndarray:
         """obs (obs_dim,) -> noise (H*A,) for the environment wrapper."""
-        obs_tensor = torch.as_tensor(np.asarray(obs, np.float32))[None]
+        obs_tensor = self.normalize(torch.as_tensor(np.asarray(obs, np.float32))[None])
         with torch.no_grad():
             noise = self.actor.deterministic(obs_tensor) if deterministic else self.actor(obs_tensor)[0]
         return noise[0].numpy()

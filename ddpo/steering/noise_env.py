@@ -66,20 +66,21 @@ class NoiseActionEnv(gym.Wrapper, gym.utils.RecordConstructorArgs):
             raise RuntimeError("call reset() before step()")
         noise = np.clip(np.asarray(action, np.float32).reshape(-1), -self.noise_bound, self.noise_bound)
         chunk = self.decode(self._obs, noise)
-        total_reward, terminated, truncated, info, executed = 0.0, False, False, {}, 0
+        terminated, truncated, info, step_rewards = False, False, {}, []
         for env_action in chunk:
             obs, reward, terminated, truncated, info = self.env.step(env_action)
             check_finite("observation", obs)
             check_finite("reward", reward)
-            total_reward += float(reward)
-            executed += 1
+            step_rewards.append(float(reward))
             if terminated or truncated:
                 break
+        executed, total_reward = len(step_rewards), float(sum(step_rewards))
         self.env_steps += executed
         self._episode_return += total_reward
         self._obs = obs
         if terminated or truncated:
             self.episode_returns.append(self._episode_return)
-        # The whole decoded chunk (H, A), also where the episode ended before its last steps ran.
-        info = dict(info, env_steps=executed, action_chunk=chunk)
+        # The whole decoded chunk (H, A), also where the episode ended before its last steps ran; the rewards
+        # of the steps that ran, for learners that discount per environment step inside the chunk.
+        info = dict(info, env_steps=executed, action_chunk=chunk, step_rewards=step_rewards)
         return obs, total_reward, terminated, truncated, info

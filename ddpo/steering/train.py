@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +23,19 @@ from .evaluate import ChunkActor, base_actor, evaluate_episodes, record_comparis
 from .noise_env import NoiseActionEnv, check_policy_matches
 
 METHODS = ("dsrl_sac", "dsrl_na", *RAW_METHODS)
+
+# The DSRL learners' discount and entropy temperature. Dense tasks (Pendulum, Reacher, the toy): 0.99 per
+# 4-step decision, the soft Q of SAC, temperature from 1 (what the dense benchmark measured). Fetch: see
+# ENV_DSRL_DEFAULTS and docs/steering.md ("Why DSRL degraded on FetchPush").
+DSRL_DEFAULTS: dict[str, float | bool | str] = {"gamma": 0.99**0.25, "init_alpha": 1.0, "backup_entropy": True,
+                                          "reward_shift": 0.0, "regularizer": "entropy"}
+# Fetch (sparse -1/0 reward, 50-step time limit, never terminates): a 50-step horizon (0.98 per step, HER's
+# Fetch discount, instead of ~400 steps); rewards shifted to 0/1 so that an untrained critic (outputs ~0) is
+# pessimistic, not optimistic, about chunks it has not seen (the shift changes no policy's ranking: there is no
+# termination); and the noise actor regularised toward the base policy's own noise N(0, I) (KL, temperature
+# from 0.1) rather than toward the uniform distribution over the box. Measured in docs/steering.md.
+_FETCH_DSRL = {"gamma": 0.98, "init_alpha": 0.1, "reward_shift": 1.0, "regularizer": "base_kl"}
+ENV_DSRL_DEFAULTS: dict[str, dict[str, float | bool | str]] = {"FetchPush-v4": _FETCH_DSRL, "FetchPickAndPlace-v4": _FETCH_DSRL}
 
 
 @dataclass
@@ -42,6 +55,17 @@ class TrainConfig:
     updates_per_decision: int = 1  # gradient updates per decision (one action chunk), dsrl_sac and dsrl_na
     offline_demos: bool = False  # dsrl_na: put degraded demonstrations into the replay buffer
     video: bool = True
+    # DSRL learners; None = the environment's default (DSRL_DEFAULTS, ENV_DSRL_DEFAULTS), filled in by resolved().
+    gamma: float | None = None  # discount per environment step (a chunk of k steps: gamma ** k)
+    init_alpha: float | None = None  # initial entropy temperature of the noise actor (then tuned automatically)
+    backup_entropy: bool | None = None  # dsrl_na: entropy bonus in Q^A's TD target (soft Q) or not
+    reward_shift: float | None = None  # dsrl_na: added to every step's reward in the replay (not in metrics)
+    regularizer: str | None = None  # dsrl_na: "entropy" (SAC) or "base_kl" (KL to N(0, I)); see DSRLNAConfig
+
+    def resolved(self) -> "TrainConfig":
+        """This config with every None replaced by the environment's default (what config.json records)."""
+        defaults = {**DSRL_DEFAULTS, **ENV_DSRL_DEFAULTS.get(self.env_id, {})}
+        return replace(self, **{key: value for key, value in defaults.items() if getattr(self, key) is None})
 
     def validate(self) -> None:
         """Every check that can fail, before the run folder is created (a half-written folder would block the name)."""
@@ -55,6 +79,12 @@ class TrainConfig:
                             ("layers", self.layers)]:
             if value < 1:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
+        if self.gamma is not None and not 0.0 < self.gamma < 1.0:
+            raise ValueError(f"--gamma (per environment step) must be in (0, 1), got {self.gamma}")
+        if self.init_alpha is not None and not (math.isfinite(self.init_alpha) and self.init_alpha > 0):
+            raise ValueError(f"--init-alpha must be a finite number > 0, got {self.init_alpha}")
+        if self.regularizer is not None and self.regularizer not in ("entropy", "base_kl"):
+            raise ValueError(f"regularizer must be 'entropy' or 'base_kl', got {self.regularizer!r}")
         if self.warm_start_steps < 0:
             raise ValueError(f"--warm-start-steps must be >= 0, got {self.warm_start_steps}")
         if self.steps <= self.warm_start_steps:
@@ -90,8 +120,10 @@ def load_base_policy(env_id: str, folder: str | None):
 class Progress:
     """Evaluates, logs metrics.jsonl and checkpoints on an environment-step schedule."""
 
-    def __init__(self, config: TrainConfig, run_dir: Path, actor: Callable[[], ChunkActor], save: Callable[[dict], None], start: int):
+    def __init__(self, config: TrainConfig, run_dir: Path, actor: Callable[[], ChunkActor], save: Callable[[dict], None], start: int,
+                 diagnostics: Callable[[], dict] | None = None):
         self.config, self.run_dir, self.actor, self.save = config, run_dir, actor, save
+        self.diagnostics = diagnostics  # extra training statistics for each metrics line (e.g. critic scale)
         self.next_eval = 0 if start == 0 else (start // config.eval_every + 1) * config.eval_every
         self.next_checkpoint = (start // config.checkpoint_every + 1) * config.checkpoint_every
         self.start_steps, self.start_time, self.eval_seconds = start, time.time(), 0.0
@@ -120,6 +152,8 @@ class Progress:
             "env_steps_per_s": (env_steps - self.start_steps) / train_seconds,
             "wall_s": time.time() - self.start_time,
         }
+        if self.diagnostics is not None:
+            record["train"] = self.diagnostics()
         if self.config.env_id in REFERENCE_RETURNS:
             record["normalized_score"] = normalized_score(self.config.env_id, record["episodic_return_mean"])
         with open(self.run_dir / "metrics.jsonl", "a") as f:
@@ -140,6 +174,7 @@ def _trim_metrics(run_dir: Path, env_steps: int) -> int:
 
 def train(config: TrainConfig, run_dir: str | Path) -> Path:
     """Train (or resume) the run in `run_dir`; returns the folder."""
+    config = config.resolved()
     config.validate()
     make_env(config.env_id)  # unknown ids and mismatched policies fail here, before anything is written
     if config.method not in RAW_METHODS:
@@ -194,7 +229,9 @@ def _train_sb3(config: TrainConfig, run_dir: Path, checkpoint: Path) -> ChunkAct
         env_steps = lambda: env.env_steps  # noqa: E731
         train_returns = env.episode_returns
         # DSRL-SAC: updates_per_decision gradient steps per chunk (no SB3 warm-up: ours is w ~ N(0, I)).
-        model = make_sac(env, config.seed, config.hidden, config.layers, 0, gradient_steps=config.updates_per_decision)
+        # SB3 discounts per decision: gamma ** H (rewards inside a chunk are summed, not discounted).
+        model = make_sac(env, config.seed, config.hidden, config.layers, 0, gradient_steps=config.updates_per_decision,
+                         gamma=config.gamma**policy.horizon, ent_coef=f"auto_{config.init_alpha}")
     else:  # raw actions, one gradient step per environment step after SB3's uniform warm-up
         env, model = make_raw_model(config.method, config.env_id, config.seed, config.hidden, config.layers,
                                     config.warm_start_steps)

@@ -7,20 +7,62 @@ from pathlib import Path
 
 import numpy as np
 
-from .dsrl_na import DSRLNA, DSRLNAConfig, ReplayBuffer
-from .envs import make_env
+from .dsrl_na import DSRLNA, DSRLNAConfig, ReplayBuffer, discounted_chunk
+from .envs import episode_success, make_env
 from .evaluate import ChunkActor, steered_actor
 from .noise_env import NoiseActionEnv
 
 
-def add_offline_demos(buffer: ReplayBuffer, env_id: str, seed: int) -> int:
-    """Degraded demonstrations as chunk transitions (s, a, r, s', done); returns how many went in."""
+def add_offline_demos(buffer: ReplayBuffer, env_id: str, seed: int, gamma: float) -> int:
+    """Degraded demonstrations as chunk transitions (s, a, r, s', done); returns how many went in.
+
+    Demonstration chunks store only their summed reward, so they are discounted as whole chunks
+    (gamma ** H); an episode's last, shorter chunk is treated as full (a small approximation)."""
     from .base import make_demos
 
     demos = make_demos(env_id, seed=1_000 + seed)  # not the seed the shipped base was cloned from
+    discount = gamma ** demos.actions.shape[1]
     for row in range(len(demos.obs)):
-        buffer.add(demos.obs[row], demos.actions[row], demos.rewards[row], demos.next_obs[row], demos.dones[row])
+        buffer.add(demos.obs[row], demos.actions[row], demos.rewards[row], demos.next_obs[row], demos.dones[row], discount)
     return len(demos.obs)
+
+
+def step_and_store(env: NoiseActionEnv, buffer: ReplayBuffer, obs: np.ndarray, noise: np.ndarray, gamma: float,
+                   reward_shift: float = 0.0):
+    """Run one decision and store it: the executed chunk, its rewards (+ reward_shift per step) discounted
+    per environment step, and done = terminated only. A time limit (Fetch's 50 steps, Reacher's) truncates
+    without terminating, so the target still bootstraps from the last observation.
+    Returns (next_obs, terminated, truncated, info); info["step_rewards"] are the environment's own."""
+    next_obs, _, terminated, truncated, info = env.step(noise)
+    chunk_reward, discount = discounted_chunk(np.asarray(info["step_rewards"]) + reward_shift, gamma)
+    buffer.add(obs, info["action_chunk"], chunk_reward, next_obs, terminated, discount)
+    return next_obs, terminated, truncated, info
+
+
+class TrainingStats:
+    """Means of the update statistics (critic scale, temperature, saturation) and the training episodes'
+    success rate since the last metrics line: what shows a critic or an actor going wrong before the
+    evaluation does."""
+
+    def __init__(self) -> None:
+        self.updates: list[dict[str, float]] = []
+        self.successes: list[bool] = []
+
+    def add_update(self, stats: dict[str, float]) -> None:
+        self.updates.append(stats)
+
+    def add_episode_end(self, info: dict) -> None:
+        success = episode_success(info)
+        if success is not None:
+            self.successes.append(success)
+
+    def summary(self) -> dict[str, float | int]:
+        out: dict[str, float | int] = {key: float(np.mean([u[key] for u in self.updates])) for key in
+                                       (self.updates[0] if self.updates else {})}
+        if self.successes:
+            out["success_rate"], out["episodes"] = float(np.mean(self.successes)), len(self.successes)
+        self.updates, self.successes = [], []
+        return out
 
 
 def train_dsrl_na(config, run_dir: Path, checkpoint: Path) -> ChunkActor:
@@ -30,7 +72,8 @@ def train_dsrl_na(config, run_dir: Path, checkpoint: Path) -> ChunkActor:
     env = NoiseActionEnv(make_env(config.env_id), policy, config.noise_bound)
     na_config = DSRLNAConfig(
         noise_bound=config.noise_bound, hidden=config.hidden, layers=config.layers,
-        updates_per_decision=config.updates_per_decision,
+        updates_per_decision=config.updates_per_decision, gamma=config.gamma, init_alpha=config.init_alpha,
+        backup_entropy=config.backup_entropy, regularizer=config.regularizer,
     )
     agent = DSRLNA(policy, env.observation_space.shape[0], na_config)
     buffer = ReplayBuffer(na_config.buffer_size, env.observation_space.shape[0], env.action_space.shape[0])
@@ -51,8 +94,9 @@ def train_dsrl_na(config, run_dir: Path, checkpoint: Path) -> ChunkActor:
         last_logged = _trim_metrics(run_dir, env.env_steps)
         print(f"resumed {run_dir} at {env.env_steps} environment steps", flush=True)
     elif config.offline_demos:
-        print(f"added {add_offline_demos(buffer, config.env_id, config.seed)} offline demonstration chunks", flush=True)
-    progress = Progress(config, run_dir, actor, save, env.env_steps)
+        print(f"added {add_offline_demos(buffer, config.env_id, config.seed, na_config.gamma)} offline demonstration chunks", flush=True)
+    stats = TrainingStats()
+    progress = Progress(config, run_dir, actor, save, env.env_steps, diagnostics=stats.summary)
     progress.last_logged = last_logged
 
     obs, _ = env.reset(seed=config.seed + decisions)
@@ -61,13 +105,16 @@ def train_dsrl_na(config, run_dir: Path, checkpoint: Path) -> ChunkActor:
             noise = np.clip(rng.standard_normal(env.action_space.shape), -config.noise_bound, config.noise_bound)
         else:
             noise = agent.act(obs, deterministic=False)
-        next_obs, reward, terminated, truncated, info = env.step(noise)
-        buffer.add(obs, info["action_chunk"], reward, next_obs, terminated)
+        next_obs, terminated, truncated, info = step_and_store(env, buffer, obs, noise, na_config.gamma, config.reward_shift)
         decisions += 1
-        obs = env.reset()[0] if terminated or truncated else next_obs
+        if terminated or truncated:
+            stats.add_episode_end(info)
+            obs = env.reset()[0]
+        else:
+            obs = next_obs
         if env.env_steps >= config.warm_start_steps and buffer.size >= na_config.batch_size:
             for _ in range(na_config.updates_per_decision):
-                agent.update(buffer.sample(na_config.batch_size, rng))
+                stats.add_update(agent.update(buffer.sample(na_config.batch_size, rng)))
         progress(env.env_steps, decisions, env.episode_returns)
     progress(env.env_steps, decisions, env.episode_returns, final=True)
     return actor()
