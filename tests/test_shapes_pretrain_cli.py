@@ -60,3 +60,18 @@ def test_rounded_squares_get_soft_labels_that_follow_their_fill_ratio():
     np.testing.assert_allclose(shape[rounded][:, SHAPES.index("square")].numpy(), p_square[rounded], rtol=1e-5)
     _, none = _with_rounded_squares(scenes, 0.0, np.random.default_rng(0))
     assert np.isnan(none).all() and _targets(scenes)[1].ndim == 1  # off: exact renders, class indices
+
+
+def test_unset_pretrain_options_keep_each_configs_own_defaults():
+    """The UNet's and the flow model's configs share some names (seed, data): an option given applies to both, an
+    option not given leaves each class's own default (not the other's)."""
+    from ddpo.shapes.cli import _given, _parser
+    from ddpo.shapes.flow import FlowPretrainConfig
+    from ddpo.shapes.pretrain import PretrainConfig
+
+    args = _parser().parse_args(["pretrain", "--flow"])
+    assert _given(args, PretrainConfig) == {} and _given(args, FlowPretrainConfig) == {}
+    args = _parser().parse_args(["pretrain", "--flow", "--rare-fraction", "0.0002", "--flow-steps", "7"])
+    assert _given(args, PretrainConfig) == {"rare_fraction": 0.0002}
+    assert FlowPretrainConfig(**_given(args, FlowPretrainConfig)) == FlowPretrainConfig(rare_fraction=0.0002,
+                                                                                        flow_steps=7)

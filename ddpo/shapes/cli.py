@@ -33,12 +33,17 @@ def _parser() -> argparse.ArgumentParser:
                      help="the VAE the flow model is trained on and ships (default: OUT/pipeline/vae if there, else "
                           "the package's, i.e. the shipped shapes pipeline's)")
     pre.add_argument("--pipeline", default="pipeline", help="which work-dir pipeline folder 'assemble' ships")
+    # Unset options stay out of the namespace (SUPPRESS), so each config keeps its own default where the two share a
+    # name with different values (rare_fraction: the flow model's data has fewer rare images; FlowPretrainConfig).
+    flow_defaults = {f.name: f.default for f in fields(FlowPretrainConfig)}
     for f in fields(PretrainConfig):
-        pre.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
-    shared = {f.name for f in fields(PretrainConfig)}
-    for f in fields(FlowPretrainConfig):  # the flow model's own settings; the shared ones (seed, data) are above
-        if f.name not in shared:
-            pre.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+        flow = flow_defaults.pop(f.name, None)
+        also = f" (--flow: {flow})" if flow is not None and flow != f.default else ""
+        pre.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=argparse.SUPPRESS,
+                         help=f"default {f.default}{also}")
+    for name, default in flow_defaults.items():  # the flow model's own settings
+        pre.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=argparse.SUPPRESS,
+                         help=f"--flow: default {default}")
 
     ev = sub.add_parser("eval", help="accuracy of a pipeline on common and rare pairs (rule-based evaluator)")
     ev.add_argument("--model", default="shapes",
@@ -79,7 +84,7 @@ def main(argv: list[str]) -> int:
 def _pretrain(args: argparse.Namespace) -> int:
     from ddpo.shapes import pretrain
 
-    cfg = pretrain.PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(pretrain.PretrainConfig)})
+    cfg = pretrain.PretrainConfig(**_given(args, pretrain.PretrainConfig))
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     if args.flow:
         stages = [FLOW_STAGE]
@@ -103,10 +108,15 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _given(args: argparse.Namespace, config_class) -> dict:
+    """The options given on the command line that `config_class` has; the others keep the class's defaults."""
+    return {f.name: getattr(args, f.name) for f in fields(config_class) if hasattr(args, f.name)}
+
+
 def _pretrain_flow(args: argparse.Namespace) -> Path:
     from ddpo.shapes import flow
 
-    cfg = flow.FlowPretrainConfig(**{f.name: getattr(args, f.name) for f in fields(flow.FlowPretrainConfig)})
+    cfg = flow.FlowPretrainConfig(**_given(args, flow.FlowPretrainConfig))
     vae = args.flow_vae
     if vae is None and (args.out / "pipeline" / "vae").is_dir():
         vae = args.out / "pipeline" / "vae"
