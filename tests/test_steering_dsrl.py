@@ -252,3 +252,15 @@ def test_base_kl_regulariser_raises_the_temperature_only_when_the_actor_strays_f
         agent.log_alpha.grad = None
         agent.alpha_loss(penalty).backward()
         assert (agent.log_alpha.grad.item() < 0) == alpha_goes_up  # gradient descent: negative grad raises alpha
+
+
+def test_per_environment_dsrl_defaults_fill_only_what_the_user_left_unset():
+    from ddpo.steering.train import TrainConfig
+
+    fetch = TrainConfig(env_id="FetchPush-v4", method="dsrl_na").resolved()
+    assert (fetch.gamma, fetch.init_alpha, fetch.reward_shift, fetch.regularizer) == (0.98, 0.1, 1.0, "base_kl")
+    pendulum = TrainConfig(env_id="Pendulum-v1", method="dsrl_na").resolved()
+    assert pendulum.gamma**4 == pytest.approx(0.99) and pendulum.regularizer == "entropy" and pendulum.reward_shift == 0.0
+    assert TrainConfig(env_id="FetchPush-v4", method="dsrl_na", gamma=0.9).resolved().gamma == 0.9
+    with pytest.raises(ValueError, match="gamma"):
+        TrainConfig(env_id="FetchPush-v4", method="dsrl_na", gamma=1.0).validate()

@@ -13,17 +13,19 @@ from .evaluate import ChunkActor, steered_actor
 from .noise_env import NoiseActionEnv
 
 
-def add_offline_demos(buffer: ReplayBuffer, env_id: str, seed: int, gamma: float) -> int:
+def add_offline_demos(buffer: ReplayBuffer, env_id: str, seed: int, gamma: float, reward_shift: float = 0.0) -> int:
     """Degraded demonstrations as chunk transitions (s, a, r, s', done); returns how many went in.
 
-    Demonstration chunks store only their summed reward, so they are discounted as whole chunks
-    (gamma ** H); an episode's last, shorter chunk is treated as full (a small approximation)."""
+    Demonstration chunks store only their summed reward: it is spread evenly over the chunk's H steps,
+    shifted and discounted like online chunks (discounted_chunk), and an episode's last, shorter chunk is
+    treated as a full one (small approximations)."""
     from .base import make_demos
 
     demos = make_demos(env_id, seed=1_000 + seed)  # not the seed the shipped base was cloned from
-    discount = gamma ** demos.actions.shape[1]
+    horizon = demos.actions.shape[1]
     for row in range(len(demos.obs)):
-        buffer.add(demos.obs[row], demos.actions[row], demos.rewards[row], demos.next_obs[row], demos.dones[row], discount)
+        reward, discount = discounted_chunk(np.full(horizon, demos.rewards[row] / horizon) + reward_shift, gamma)
+        buffer.add(demos.obs[row], demos.actions[row], reward, demos.next_obs[row], demos.dones[row], discount)
     return len(demos.obs)
 
 
@@ -94,7 +96,7 @@ def train_dsrl_na(config, run_dir: Path, checkpoint: Path) -> ChunkActor:
         last_logged = _trim_metrics(run_dir, env.env_steps)
         print(f"resumed {run_dir} at {env.env_steps} environment steps", flush=True)
     elif config.offline_demos:
-        print(f"added {add_offline_demos(buffer, config.env_id, config.seed, na_config.gamma)} offline demonstration chunks", flush=True)
+        print(f"added {add_offline_demos(buffer, config.env_id, config.seed, na_config.gamma, config.reward_shift)} offline demonstration chunks", flush=True)
     stats = TrainingStats()
     progress = Progress(config, run_dir, actor, save, env.env_steps, diagnostics=stats.summary)
     progress.last_logged = last_logged
