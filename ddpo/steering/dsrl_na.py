@@ -4,8 +4,11 @@ Three learners share one replay buffer of (s, a, r, s', done) where a is the *ex
   Q^A(s, a)  twin critics on real actions, soft TD targets through the frozen policy a' = pi_dp(s', w');
   Q^W(s, w)  distilled from min Q^A(s, pi_dp(s, w)) on fresh w ~ N(0, I): noise that decodes to the same
              action gets the same value ("aliasing"), so Q^W learns from every noise, not only those tried;
-  pi^W(w|s)  a tanh-Gaussian noise actor in Box(-b, b), maximising Q^W with an automatic entropy temperature.
+  pi^W(w|s)  a tanh-Gaussian noise actor in Box(-b, b), maximising Q^W with an automatic temperature on its
+             regulariser: entropy (SAC) or KL to the base policy's noise N(0, I) ("base_kl").
 Because Q^A is defined on actions, offline (s, a, r, s') demonstrations can go into the buffer as they are.
+The actor and critics see observations standardised with the base policy's statistics; transitions carry
+their own discount (gamma ** steps run), so a chunk cut short by a time limit bootstraps correctly.
 """
 
 from __future__ import annotations
