@@ -6,7 +6,9 @@
 
 Resumable and incremental: each (env, method, seed) trains in runs/bench_steering/<key>/ (resumable checkpoints)
 and, once finished, its metrics are copied to benchmarks/results/steering/<key>.jsonl; finished keys are skipped.
-Jobs run seed-major, so a cut-off benchmark still covers every method for the first seeds.
+Jobs run seed-major, so a cut-off benchmark still covers every method for the first seeds. Result files named
+<method>_before_s<seed>.jsonl are earlier runs of <method> under its previous defaults, kept for comparison
+(report them with --methods ... dsrl_na_before); they are not re-run.
 
     nice -n 10 python benchmarks/steering.py run --seeds 0 1 2 --steps 30000   (start it twice for two workers)
     python benchmarks/steering.py report      # table (markdown) and curves (PNG) from whatever has finished
@@ -182,7 +184,7 @@ def plot(path: Path, envs: tuple[str, ...] = ENVS, methods: tuple[str, ...] = ME
     import matplotlib.pyplot as plt
 
     table = load_results()
-    figure, axes = plt.subplots(1, len(envs), figsize=(6 * len(envs), 4))
+    figure, axes = plt.subplots(1, len(envs), figsize=(7.5 * len(envs), 4))
     for axis, env_id in zip(np.atleast_1d(axes), envs):
         for method in methods:
             runs = table.get((env_id, method), [])
@@ -197,7 +199,7 @@ def plot(path: Path, envs: tuple[str, ...] = ENVS, methods: tuple[str, ...] = ME
         axis.set_title(env_id)
         axis.set_xlabel("environment steps")
         axis.set_ylabel("evaluation " + ("success rate" if metric == "success_rate" else "return"))
-        axis.legend()
+        axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))  # outside: curves stay visible
     figure.tight_layout()
     figure.savefig(path, dpi=80)
 
