@@ -276,7 +276,10 @@ class DSRLNA(nn.Module):
         from safetensors.torch import load_file
 
         folder = Path(folder)
-        self.load_state_dict(load_file(str(folder / "agent.safetensors")))
+        state = load_file(str(folder / "agent.safetensors"))
+        if "obs_mean" not in state:  # saved before observations were standardised: the networks saw raw ones
+            state["obs_mean"], state["obs_std"] = torch.zeros_like(self.obs_mean), torch.ones_like(self.obs_std)
+        self.load_state_dict(state)
         if with_optimizers and (folder / "optimizers.pt").is_file():
             states = torch.load(folder / "optimizers.pt", weights_only=True)
             for name, optimizer in self.optimizers().items():
