@@ -26,7 +26,7 @@ METHODS = ("dsrl_sac", "dsrl_na", *RAW_METHODS)
 
 # The DSRL learners' discount and entropy temperature. Dense tasks (Pendulum, Reacher, the toy): 0.99 per
 # 4-step decision, the soft Q of SAC, temperature from 1 (what the dense benchmark measured). Fetch: see
-# ENV_DSRL_DEFAULTS and docs/steering.md ("Why DSRL degraded on FetchPush").
+# ENV_DSRL_DEFAULTS and docs/steering.md ("Why DSRL-NA degraded on FetchPush, and the fix").
 DSRL_DEFAULTS: dict[str, float | bool | str] = {"gamma": 0.99**0.25, "init_alpha": 1.0, "backup_entropy": True,
                                           "reward_shift": 0.0, "regularizer": "entropy"}
 # Fetch (sparse -1/0 reward, 50-step time limit, never terminates): a 50-step horizon (0.98 per step, HER's
