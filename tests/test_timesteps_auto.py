@@ -10,7 +10,7 @@ import torch
 from ddpo import memory
 from ddpo.config import Config, ConfigError, config_from_file, load_config, save_config
 
-STEPS = 4  # tiny_cpu's sample.num_steps, all trained
+from tiny_rollout import STEPS, tiny_rollout  # STEPS: tiny_cpu's sample.num_steps, all trained
 
 
 class _RecordingOptimizer:
@@ -45,26 +45,7 @@ class _TwoProcesses:
 @pytest.fixture(scope="module")
 def setup():
     """A tiny LoRA policy, perturbed after sampling (ratios != 1), and its rollout of 4 samples."""
-    from ddpo.rollout import Rollout
-    from ddpo.sampler import sample_trajectories
-    from ddpo.trainer import build_policy
-
-    torch.manual_seed(0)
-    config = load_config("tiny_cpu")
-    family, params = build_policy(config, torch.device("cpu"))
-    prompts = ["a cat", "a dog", "a red fox", "an owl"]
-    embeds = family.encode(prompts, torch.device("cpu"))
-    negative = family.encode([""] * len(prompts), torch.device("cpu"))
-    traj = sample_trajectories(family, family.pipe.unet, embeds, negative, num_steps=STEPS, guidance_scale=3.0,
-                               eta=1.0, generator=torch.Generator().manual_seed(0))
-    n = len(prompts)
-    rollout = Rollout(traj, prompts, [{}] * n, torch.arange(n), np.zeros(n, np.float32), np.ones(n, bool), {}, 0.0, 0.0)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in params:
-            p.add_(0.03 * torch.randn(p.shape, generator=generator))
-    weights = torch.randn(n, generator=generator)
-    return family, params, rollout, weights
+    return tiny_rollout(double=False)
 
 
 def _update(setup, *overrides, accelerator=None):

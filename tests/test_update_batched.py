@@ -6,7 +6,7 @@ import torch
 
 from ddpo.config import ConfigError, load_config
 
-STEPS = 4  # tiny_cpu's sample.num_steps; its last DDIM step is stochastic (set_alpha_to_one=False), so all train
+from tiny_rollout import STEPS, tiny_rollout  # STEPS: tiny_cpu's sample.num_steps, all trained
 
 
 class _RecordingOptimizer:
@@ -26,30 +26,7 @@ class _RecordingOptimizer:
 @pytest.fixture(scope="module")
 def setup():
     """A tiny LoRA policy, perturbed after sampling (ratios != 1, KL to the reference > 0), and its rollout."""
-    from ddpo.rollout import Rollout
-    from ddpo.sampler import sample_trajectories
-    from ddpo.trainer import build_policy
-
-    torch.manual_seed(0)
-    config = load_config("tiny_cpu")
-    family, params = build_policy(config, torch.device("cpu"))
-    pipe = family.pipe
-    prompts = ["a cat", "a dog", "a red fox", "an owl"]
-    embeds = family.encode(prompts, torch.device("cpu"))
-    negative = family.encode([""] * len(prompts), torch.device("cpu"))
-    traj = sample_trajectories(family, pipe.unet, embeds, negative, num_steps=STEPS, guidance_scale=3.0, eta=1.0,
-                               generator=torch.Generator().manual_seed(0))
-    n = len(prompts)
-    pipe.unet.double()  # float64 (params keep their identity): differences of summation order vanish below 1e-6
-    traj = traj._replace(latents=traj.latents.double(), log_probs=traj.log_probs.double(),
-                         cond=traj.cond.map(torch.Tensor.double), negative=traj.negative.map(torch.Tensor.double))
-    rollout = Rollout(traj, prompts, [{}] * n, torch.arange(n), np.zeros(n, np.float32), np.ones(n, bool), {}, 0.0, 0.0)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in params:
-            p.add_(0.03 * torch.randn(p.shape, generator=generator))
-    weights = torch.randn(n, generator=generator)
-    return family, params, rollout, weights
+    return tiny_rollout(double=True)
 
 
 def _update(setup, *overrides):
