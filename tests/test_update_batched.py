@@ -1,6 +1,5 @@
 """train.timesteps_per_call: several timesteps per UNet call give the gradient and statistics of one call per step."""
 
-import numpy as np
 import pytest
 import torch
 
