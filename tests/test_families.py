@@ -45,8 +45,9 @@ def test_two_epochs_of_each_algorithm_on_each_family(tmp_path, family, algorithm
 @pytest.mark.parametrize("family,cfg", [("sd", True), ("sd", False), ("sdxl", True), ("sdxl", False),
                                         ("sd3", True), ("sd3", False), ("flux", True)])
 def test_importance_ratio_is_exactly_one_before_the_first_update(tmp_path, family, cfg):
+    # One call per step, as sampling made them: exactly the sampled numbers (batched calls: tests/test_train.py).
     run_dir = run(tmp_path, family, "train.num_epochs=1", "sample.num_batches_per_epoch=1", "train.batch_size=2",
-                  "train.gradient_accumulation_steps=1", f"train.cfg={str(cfg).lower()}",
+                  "train.gradient_accumulation_steps=1", f"train.cfg={str(cfg).lower()}", "train.timesteps_per_call=1",
                   *([] if cfg else ["sample.guidance_scale=1.0"]))
     row = read_metrics(run_dir / "metrics.jsonl")[0]
     assert row["approx_kl"] == 0.0 and row["clipfrac"] == 0.0

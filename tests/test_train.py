@@ -44,12 +44,17 @@ def test_two_epochs_of_each_algorithm(tmp_path, algorithm):
     assert (run_dir / "config.yaml").is_file() and (first / "config.yaml").is_file()
 
 
-def test_importance_ratio_is_exactly_one_before_the_first_update(tmp_path):
-    # One optimizer step per epoch: every log-prob is recomputed before the weights change.
+@pytest.mark.parametrize("per_call", ["1", "auto"])
+def test_importance_ratio_is_exactly_one_before_the_first_update(tmp_path, per_call):
+    # One optimizer step per epoch: every log-prob is recomputed before the weights change. One timestep per call
+    # makes the calls sampling made (exactly its numbers); auto puts all 4 steps in one call, whose other batch
+    # shape changes float rounding only.
     run_dir = run(tmp_path, "train.num_epochs=1", "sample.num_batches_per_epoch=1", "train.batch_size=2",
-                  "train.gradient_accumulation_steps=1")
+                  "train.gradient_accumulation_steps=1", f"train.timesteps_per_call={per_call}")
     row = read_metrics(run_dir / "metrics.jsonl")[0]
-    assert row["approx_kl"] == 0.0 and row["clipfrac"] == 0.0
+    assert row["clipfrac"] == 0.0
+    assert row["approx_kl"] == 0.0 if per_call == "1" else abs(row["approx_kl"]) < 1e-12, row["approx_kl"]
+    assert row["timesteps_per_call"] == (1 if per_call == "1" else 4)
 
 
 def test_training_raises_a_simple_reward(tmp_path):
