@@ -130,13 +130,13 @@ def _available_ram() -> int:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
 
 
-def per_step_bytes(chunk_loss: Callable[[int], object]) -> tuple[int, int]:
-    """(bytes one more timestep per call saves for backward, bytes saved at one timestep per call).
+def per_step_bytes(chunk_loss: Callable[[int], object]) -> int:
+    """Bytes one more timestep per call saves for backward.
 
     `chunk_loss(k)` runs the loss of one micro-batch at k timesteps per sample. Measured at k = 1 and 2: the
     difference is one step's share; should it not be positive (nothing grows with k), one step's whole."""
     one, two = saved_bytes(lambda: chunk_loss(1)), saved_bytes(lambda: chunk_loss(2))
-    return (two - one if two > one else one), one
+    return two - one if two > one else one
 
 
 def resolve_timesteps_per_call(model, key: tuple, steps_per_sample: int, chunk_loss: Callable[[int], object],
@@ -157,7 +157,7 @@ def resolve_timesteps_per_call(model, key: tuple, steps_per_sample: int, chunk_l
     else:
         devices = [accelerator.device] if accelerator.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # dropout and the like draw here, not from training's stream
-            per_step, _ = per_step_bytes(chunk_loss)
+            per_step = per_step_bytes(chunk_loss)
         budget, how = budget_bytes(setting, accelerator.device, params, optimizer_has_state)
         local = choose_timesteps(budget, per_step, steps_per_sample)
         everyone = accelerator.gather(torch.tensor([local], device=accelerator.device))

@@ -81,7 +81,7 @@ def _per_step(setup) -> int:
     idx = torch.arange(config.train.batch_size)
     family.pipe.unet.train()
     return memory.per_step_bytes(lambda k: ddpo_chunk_loss(family.pipe.unet, family, rollout, idx,
-                                                           torch.arange(k).expand(len(idx), k), weights, config))[0]
+                                                           torch.arange(k).expand(len(idx), k), weights, config))
 
 
 # ---------------------------------------------------------------------------------------------- the measure
@@ -115,7 +115,7 @@ def test_one_step_per_call_grows_linearly_with_the_micro_batch(setup):
     family, _, rollout, weights = setup
     idx = torch.arange(4)
     four = memory.per_step_bytes(lambda k: ddpo_chunk_loss(family.pipe.unet, family, rollout, idx,
-                                                           torch.arange(k).expand(4, k), weights, config))[0]
+                                                           torch.arange(k).expand(4, k), weights, config))
     assert four == pytest.approx(2 * per_step, rel=0.1)
 
 
