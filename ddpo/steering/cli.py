@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--gamma", type=float, default=None,
                        help="DSRL discount per environment step (default: the env's; Fetch 0.98, others 0.99 per 4-step chunk)")
     train.add_argument("--init-alpha", type=float, default=None,
-                       help="DSRL initial entropy temperature (default: the env's; Fetch 0.01, others 1.0)")
+                       help="DSRL initial temperature of the noise actor's regulariser (default: the env's; Fetch 0.1 "
+                            "on a KL to N(0, I), others 1.0 on entropy)")
     train.add_argument("--offline-demos", action="store_true", help="dsrl_na: add degraded demos to the replay buffer")
     train.add_argument("--no-video", action="store_true")
     train.add_argument("--name", default=None, help="run folder name (default: ENV_METHOD_sSEED)")
