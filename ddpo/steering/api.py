@@ -43,7 +43,7 @@ def load_run_actor(run_dir: str | Path) -> tuple[dict, ChunkActor]:
     """The trained agent of a run folder as a ChunkActor (deterministic), with the run's config dict."""
     from .baselines import RAW_METHODS, make_raw_model, raw_actor
     from .envs import make_env
-    from .noise_env import NoiseActionEnv
+    from .noise_env import AgentView, NoiseActionEnv, policy_obs_stats
     from .train import load_base_policy
 
     run_dir = Path(run_dir)
@@ -64,10 +64,12 @@ def load_run_actor(run_dir: str | Path) -> tuple[dict, ChunkActor]:
     if config["method"] == "dsrl_sac":
         from .sb3 import load_sac, make_sac
 
-        env = NoiseActionEnv(make_env(config["env_id"]), policy, config["noise_bound"])
+        # Runs from before observations were standardised (no "normalize_obs" in config.json) saw raw ones.
+        stats = policy_obs_stats(policy) if config.get("normalize_obs", False) else None
+        env = AgentView(NoiseActionEnv(make_env(config["env_id"]), policy, config["noise_bound"]), stats, 1.0)
         model = make_sac(env, config["seed"], config["hidden"], config["layers"], buffer_size=1)
         load_sac(model, run_dir / "checkpoint", with_buffer=False)
-        return config, steered_actor(policy, lambda obs: model.predict(obs, deterministic=True)[0])
+        return config, steered_actor(policy, lambda obs: model.predict(env.observation(obs), deterministic=True)[0])
     from .dsrl_na import DSRLNA, DSRLNAConfig
 
     agent = DSRLNA(policy, policy.obs_dim, DSRLNAConfig(noise_bound=config["noise_bound"], hidden=config["hidden"], layers=config["layers"]))

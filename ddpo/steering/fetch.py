@@ -148,6 +148,13 @@ def pick_expert(obs: np.ndarray) -> np.ndarray:
     return _pick(obs, _split(obs)[3])
 
 
+# The object's height resting on the table (gymnasium-robotics' height_offset, the same for every episode).
+TABLE_HEIGHT = 0.4247
+
+
 def pick_decoy(obs: np.ndarray) -> np.ndarray:
-    """Grasps as well as the expert and carries the object to the mirrored goal."""
-    return _pick(obs, _mirrored_goal(obs))
+    """Grasps as well as the expert, then slides the object to the goal's spot on the table: it never lifts,
+    so it succeeds only where the goal lies on the table (half of FetchPickAndPlace's goals)."""
+    goal = _split(obs)[3].copy()
+    goal[2] = TABLE_HEIGHT
+    return _pick(obs, goal)

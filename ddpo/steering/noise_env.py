@@ -84,3 +84,61 @@ class NoiseActionEnv(gym.Wrapper, gym.utils.RecordConstructorArgs):
         # of the steps that ran, for learners that discount per environment step inside the chunk.
         info = dict(info, env_steps=executed, action_chunk=chunk, step_rewards=step_rewards)
         return obs, total_reward, terminated, truncated, info
+
+
+def policy_obs_stats(policy: SteerablePolicy) -> tuple[np.ndarray, np.ndarray] | None:
+    """The base policy's observation mean and std (obs_dim,) each, or None for a policy without them."""
+    if not (hasattr(policy, "obs_mean") and hasattr(policy, "obs_std")):
+        return None
+    mean, std = (np.asarray(torch.as_tensor(t).detach().cpu(), np.float32) for t in (policy.obs_mean, policy.obs_std))
+    return mean, std
+
+
+class AgentView(gym.Wrapper):
+    """A NoiseActionEnv as an off-the-shelf SAC sees it (DSRL-SAC), with DSRL-NA's choices for Fetch:
+
+    - observations standardised with the base policy's statistics and clipped to +-5 (`stats`; None keeps them
+      raw). Raw Fetch observations sit near 1.3 m with a spread of a few cm, which starves a critic of signal;
+      the frozen policy still decodes from raw observations;
+    - each chunk's reward as sum_i gamma^i (r_i + reward_shift) over the environment steps that ran, so that
+      SAC's discount gamma^H per decision continues a per-step discount (rewards were summed undiscounted).
+
+    `env_steps` and `episode_returns` are the wrapped NoiseActionEnv's, in the environment's own units.
+    """
+
+    def __init__(self, env: NoiseActionEnv, stats: tuple[np.ndarray, np.ndarray] | None, gamma: float,
+                 reward_shift: float = 0.0):
+        super().__init__(env)
+        self.noise_env, self.stats, self.gamma, self.reward_shift = env, stats, float(gamma), float(reward_shift)
+        if stats is not None:
+            shape = env.observation_space.shape
+            self.observation_space = gym.spaces.Box(-5.0, 5.0, shape, np.float32)
+
+    @property
+    def env_steps(self) -> int:
+        return self.noise_env.env_steps
+
+    @env_steps.setter
+    def env_steps(self, value: int) -> None:
+        self.noise_env.env_steps = value
+
+    @property
+    def episode_returns(self) -> list[float]:
+        return self.noise_env.episode_returns
+
+    def observation(self, obs: np.ndarray) -> np.ndarray:
+        """obs (obs_dim,) raw -> what the agent sees (obs_dim,) float32."""
+        if self.stats is None:
+            return np.asarray(obs, np.float32)
+        mean, std = self.stats
+        return np.clip((np.asarray(obs, np.float32) - mean) / std, -5.0, 5.0).astype(np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        obs, info = self.env.reset(seed=seed, options=options)
+        return self.observation(obs), info
+
+    def step(self, action):
+        obs, _, terminated, truncated, info = self.env.step(action)
+        rewards = np.asarray(info["step_rewards"], np.float64) + self.reward_shift
+        reward = float(np.sum(self.gamma ** np.arange(rewards.size) * rewards))
+        return self.observation(obs), reward, terminated, truncated, info

@@ -20,7 +20,7 @@ import torch
 from .envs import make_env, normalized_score, REFERENCE_RETURNS
 from .baselines import RAW_METHODS
 from .evaluate import ChunkActor, base_actor, evaluate_episodes, record_comparison, steered_actor
-from .noise_env import NoiseActionEnv, check_policy_matches
+from .noise_env import AgentView, NoiseActionEnv, check_policy_matches, policy_obs_stats
 
 METHODS = ("dsrl_sac", "dsrl_na", *RAW_METHODS)
 
@@ -59,8 +59,9 @@ class TrainConfig:
     gamma: float | None = None  # discount per environment step (a chunk of k steps: gamma ** k)
     init_alpha: float | None = None  # initial entropy temperature of the noise actor (then tuned automatically)
     backup_entropy: bool | None = None  # dsrl_na: entropy bonus in Q^A's TD target (soft Q) or not
-    reward_shift: float | None = None  # dsrl_na: added to every step's reward in the replay (not in metrics)
+    reward_shift: float | None = None  # DSRL: added to every step's reward the learner sees (not in metrics)
     regularizer: str | None = None  # dsrl_na: "entropy" (SAC) or "base_kl" (KL to N(0, I)); see DSRLNAConfig
+    normalize_obs: bool = True  # DSRL: the learner sees observations standardised with the base policy's statistics
 
     def resolved(self) -> "TrainConfig":
         """This config with every None replaced by the environment's default (what config.json records)."""
@@ -217,6 +218,13 @@ def write_video(config: TrainConfig, run_dir: Path, steered: ChunkActor) -> Path
     return path
 
 
+def dsrl_sac_env(config: TrainConfig, policy) -> AgentView:
+    """The environment DSRL-SAC's SB3 agent trains on (and whose observation() its actor applies when acting)."""
+    stats = policy_obs_stats(policy) if config.normalize_obs else None
+    noise_env = NoiseActionEnv(make_env(config.env_id), policy, config.noise_bound)
+    return AgentView(noise_env, stats, config.gamma, config.reward_shift)
+
+
 def _train_sb3(config: TrainConfig, run_dir: Path, checkpoint: Path) -> ChunkActor:
     from stable_baselines3.common.callbacks import BaseCallback
 
@@ -225,11 +233,11 @@ def _train_sb3(config: TrainConfig, run_dir: Path, checkpoint: Path) -> ChunkAct
 
     if config.method == "dsrl_sac":
         policy = load_base_policy(config.env_id, config.policy)
-        env = NoiseActionEnv(make_env(config.env_id), policy, config.noise_bound)
+        env = dsrl_sac_env(config, policy)
         env_steps = lambda: env.env_steps  # noqa: E731
         train_returns = env.episode_returns
         # DSRL-SAC: updates_per_decision gradient steps per chunk (no SB3 warm-up: ours is w ~ N(0, I)).
-        # SB3 discounts per decision: gamma ** H (rewards inside a chunk are summed, not discounted).
+        # SB3 discounts per decision by gamma ** H; AgentView discounts per step inside the chunk.
         model = make_sac(env, config.seed, config.hidden, config.layers, 0, gradient_steps=config.updates_per_decision,
                          gamma=config.gamma**policy.horizon, ent_coef=f"auto_{config.init_alpha}")
     else:  # raw actions, one gradient step per environment step after SB3's uniform warm-up
@@ -240,7 +248,7 @@ def _train_sb3(config: TrainConfig, run_dir: Path, checkpoint: Path) -> ChunkAct
 
     def actor() -> ChunkActor:
         if config.method == "dsrl_sac":
-            return steered_actor(policy, lambda obs: model.predict(obs, deterministic=True)[0])
+            return steered_actor(policy, lambda obs: model.predict(env.observation(obs), deterministic=True)[0])
         return raw_actor(config.method, model)
 
     progress = Progress(config, run_dir, actor, lambda s: save_sac(model, checkpoint, s), 0)

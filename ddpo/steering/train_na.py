@@ -75,7 +75,7 @@ def train_dsrl_na(config, run_dir: Path, checkpoint: Path) -> ChunkActor:
     na_config = DSRLNAConfig(
         noise_bound=config.noise_bound, hidden=config.hidden, layers=config.layers,
         updates_per_decision=config.updates_per_decision, gamma=config.gamma, init_alpha=config.init_alpha,
-        backup_entropy=config.backup_entropy, regularizer=config.regularizer,
+        backup_entropy=config.backup_entropy, regularizer=config.regularizer, normalize_obs=config.normalize_obs,
     )
     agent = DSRLNA(policy, env.observation_space.shape[0], na_config)
     buffer = ReplayBuffer(na_config.buffer_size, env.observation_space.shape[0], env.action_space.shape[0])
