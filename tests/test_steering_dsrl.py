@@ -168,6 +168,9 @@ def test_cli_reports_bad_input_clearly(capsys, tmp_path):
                  str(__import__("ddpo.steering.base", fromlist=["x"]).pretrained_path("Pendulum-v1")),
                  "--runs-dir", str(tmp_path)]) == 2
     assert "observations of size 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--env", "Pendulum-v1", "--method", "dsrl_na", "--eval-episodes", "0", "--runs-dir", str(tmp_path)])
+    assert exit_info.value.code == 2 and "--eval-episodes must be >= 1" in capsys.readouterr().err
     assert not list(tmp_path.iterdir()), "a rejected run must not leave files behind"
 
 
@@ -262,6 +265,10 @@ def test_per_environment_dsrl_defaults_fill_only_what_the_user_left_unset():
     pendulum = TrainConfig(env_id="Pendulum-v1", method="dsrl_na").resolved()
     assert pendulum.gamma**4 == pytest.approx(0.99) and pendulum.regularizer == "entropy" and pendulum.reward_shift == 0.0
     assert TrainConfig(env_id="FetchPush-v4", method="dsrl_na", gamma=0.9).resolved().gamma == 0.9
+    # Evaluation episodes: 20 on Fetch (the documented tables), 10 elsewhere, whatever the method; a given value stays.
+    assert (fetch.eval_episodes, pendulum.eval_episodes) == (20, 10)
+    assert TrainConfig(env_id="FetchPickAndPlace-v4", method="sac_her").resolved().eval_episodes == 20
+    assert TrainConfig(env_id="FetchPush-v4", method="dsrl_na", eval_episodes=3).resolved().eval_episodes == 3
     with pytest.raises(ValueError, match="gamma"):
         TrainConfig(env_id="FetchPush-v4", method="dsrl_na", gamma=1.0).validate()
 
@@ -295,7 +302,8 @@ def test_dsrl_sac_run_acts_the_same_after_loading_through_the_api(tmp_path, toy_
     saved = json.loads((run / "config.json").read_text())
     assert saved["normalize_obs"] is True
     logged = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["episodic_return_mean"]
-    assert evaluate_run(run, episodes=3, video=False)["steered_return_mean"] == pytest.approx(logged, rel=1e-6)
+    summary = evaluate_run(run, video=False)  # as many episodes as the run's evaluations: 3
+    assert summary["episodes"] == 3 and summary["steered_return_mean"] == pytest.approx(logged, rel=1e-6)
     obs = np.array([0.4, -0.3], np.float32)
     standardised = load_run_actor(run)[1](obs)
     saved.pop("normalize_obs")

@@ -132,11 +132,13 @@ def compare_base(env_id: str, policy: str | None = None, episodes: int = 10, noi
     return summary
 
 
-def evaluate_run(run_dir: str | Path, episodes: int = 10, video: bool = True) -> dict:
-    """Evaluate a run's agent and its base on the fixed evaluation seeds; optionally write rollout.gif."""
+def evaluate_run(run_dir: str | Path, episodes: int | None = None, video: bool = True) -> dict:
+    """Evaluate a run's agent and its base on the fixed evaluation seeds (`episodes`: default, as many as the run's
+    own evaluations used); optionally write rollout.gif."""
     from .baselines import RAW_METHODS
 
     config, steered = load_run_actor(run_dir)
+    episodes = episodes or config.get("eval_episodes") or 10
     returns, success_rate = evaluate_episodes(config["env_id"], steered, episodes, seed=EVAL_SEED)
     summary = {"run": str(run_dir), "method": config["method"], "episodes": episodes,
                "steered_return_mean": float(returns.mean()), "steered_return_std": float(returns.std())}

@@ -36,6 +36,9 @@ DSRL_DEFAULTS: dict[str, float | bool | str] = {"gamma": 0.99**0.25, "init_alpha
 # from 0.1) rather than toward the uniform distribution over the box. Measured in docs/steering.md.
 _FETCH_DSRL = {"gamma": 0.98, "init_alpha": 0.1, "reward_shift": 1.0, "regularizer": "base_kl"}
 ENV_DSRL_DEFAULTS: dict[str, dict[str, float | bool | str]] = {"FetchPush-v4": _FETCH_DSRL, "FetchPickAndPlace-v4": _FETCH_DSRL}
+# Evaluation episodes per metrics line: 10, or 20 on Fetch, where a success rate is a coarse number (what the
+# documented tables used). Evaluation draws no random numbers, so this never changes what a run trains.
+EVAL_EPISODES, ENV_EVAL_EPISODES = 10, {"FetchPush-v4": 20, "FetchPickAndPlace-v4": 20}
 
 
 @dataclass
@@ -48,7 +51,7 @@ class TrainConfig:
     noise_bound: float = 1.5
     warm_start_steps: int = 1000
     eval_every: int = 2500
-    eval_episodes: int = 10
+    eval_episodes: int | None = None  # None = the environment's default (ENV_EVAL_EPISODES, else EVAL_EPISODES)
     checkpoint_every: int = 5000
     hidden: int = 256
     layers: int = 2
@@ -65,7 +68,8 @@ class TrainConfig:
 
     def resolved(self) -> "TrainConfig":
         """This config with every None replaced by the environment's default (what config.json records)."""
-        defaults = {**DSRL_DEFAULTS, **ENV_DSRL_DEFAULTS.get(self.env_id, {})}
+        defaults = {**DSRL_DEFAULTS, **ENV_DSRL_DEFAULTS.get(self.env_id, {}),
+                    "eval_episodes": ENV_EVAL_EPISODES.get(self.env_id, EVAL_EPISODES)}
         return replace(self, **{key: value for key, value in defaults.items() if getattr(self, key) is None})
 
     def validate(self) -> None:
@@ -78,7 +82,7 @@ class TrainConfig:
                             ("--eval-episodes", self.eval_episodes), ("--checkpoint-every", self.checkpoint_every),
                             ("--updates-per-decision", self.updates_per_decision), ("hidden", self.hidden),
                             ("layers", self.layers)]:
-            if value < 1:
+            if value is not None and value < 1:  # None: not resolved yet (the environment's default)
                 raise ValueError(f"{flag} must be >= 1, got {value}")
         if self.gamma is not None and not 0.0 < self.gamma < 1.0:
             raise ValueError(f"--gamma (per environment step) must be in (0, 1), got {self.gamma}")
