@@ -309,3 +309,19 @@ def test_dsrl_sac_run_acts_the_same_after_loading_through_the_api(tmp_path, toy_
     saved.pop("normalize_obs")
     (run / "config.json").write_text(json.dumps(saved))
     assert not np.allclose(load_run_actor(run)[1](obs), standardised, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["dsrl_na", "dsrl_sac"])
+def test_evaluation_never_changes_what_a_run_trains(tmp_path, toy_policy, method):
+    """Evaluations draw no random numbers: runs that evaluate on 1 or on 3 episodes end with identical weights
+    (what lets --eval-episodes default per environment without changing documented training curves)."""
+    from ddpo.steering.train import TrainConfig, train
+
+    toy_policy.save_pretrained(tmp_path / "policy")
+    weights = []
+    for episodes in (1, 3):
+        config = TrainConfig(env_id="TwoGoal-v0", method=method, policy=str(tmp_path / "policy"), steps=160,
+                             warm_start_steps=40, eval_every=40, eval_episodes=episodes, hidden=32, video=False)
+        run = train(config, tmp_path / f"run{episodes}")
+        weights.append(next((run / "checkpoint").glob("*.safetensors")).read_bytes())
+    assert weights[0] == weights[1]
