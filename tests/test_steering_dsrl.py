@@ -325,3 +325,19 @@ def test_evaluation_never_changes_what_a_run_trains(tmp_path, toy_policy, method
         run = train(config, tmp_path / f"run{episodes}")
         weights.append(next((run / "checkpoint").glob("*.safetensors")).read_bytes())
     assert weights[0] == weights[1]
+
+
+def test_a_run_saved_before_standardisation_resumes_with_raw_observations(tmp_path, toy_policy):
+    from ddpo.steering.train import TrainConfig, train
+
+    toy_policy.save_pretrained(tmp_path / "policy")
+    config = dict(env_id="TwoGoal-v0", method="dsrl_sac", policy=str(tmp_path / "policy"), warm_start_steps=40,
+                  eval_every=60, eval_episodes=2, checkpoint_every=60, hidden=32, video=False)
+    run = train(TrainConfig(steps=120, normalize_obs=False, **config), tmp_path / "run")
+    saved = json.loads((run / "config.json").read_text())
+    del saved["normalize_obs"]  # as config.json was written before 2026-12-01
+    (run / "config.json").write_text(json.dumps(saved))
+    config["eval_episodes"] = 3  # free on resume: evaluation does not change training
+    train(TrainConfig(steps=180, **config), run)  # the default (standardise) must not apply to the old agent
+    assert json.loads((run / "config.json").read_text())["normalize_obs"] is False
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["env_steps"] >= 180

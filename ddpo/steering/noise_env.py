@@ -95,7 +95,7 @@ def policy_obs_stats(policy: SteerablePolicy) -> tuple[np.ndarray, np.ndarray] |
 
 
 class AgentView(gym.Wrapper):
-    """A NoiseActionEnv as an off-the-shelf SAC sees it (DSRL-SAC), with DSRL-NA's choices for Fetch:
+    """A NoiseActionEnv as an off-the-shelf SAC sees it (DSRL-SAC), treated as DSRL-NA treats it:
 
     - observations standardised with the base policy's statistics and clipped to +-5 (`stats`; None keeps them
       raw). Raw Fetch observations sit near 1.3 m with a spread of a few cm, which starves a critic of signal;

@@ -191,7 +191,12 @@ def train(config: TrainConfig, run_dir: str | Path) -> Path:
     saved_config = run_dir / "config.json"
     if saved_config.is_file() and (checkpoint / "state.json").is_file():  # without a checkpoint: nothing to resume
         previous = json.loads(saved_config.read_text())
-        free = ("steps", "video")  # a resumed run may change its budget and whether it renders
+        if "normalize_obs" not in previous:  # saved before DSRL learners saw standardised observations: keep raw ones
+            previous["normalize_obs"] = False
+            config = replace(config, normalize_obs=False)
+        # A resumed run may change its budget, whether it renders and how many episodes evaluate it (evaluation
+        # draws no random numbers: training is the same).
+        free = ("steps", "video", "eval_episodes")
         if {k: v for k, v in previous.items() if k not in free} != {k: v for k, v in asdict(config).items() if k not in free}:
             raise ValueError(f"{run_dir} holds a run with a different config; pick a new --name or use the same options")
     run_dir.mkdir(parents=True, exist_ok=True)
