@@ -191,9 +191,10 @@ def train(config: TrainConfig, run_dir: str | Path) -> Path:
     saved_config = run_dir / "config.json"
     if saved_config.is_file() and (checkpoint / "state.json").is_file():  # without a checkpoint: nothing to resume
         previous = json.loads(saved_config.read_text())
-        if "normalize_obs" not in previous:  # saved before DSRL learners saw standardised observations: keep raw ones
-            previous["normalize_obs"] = False
-            config = replace(config, normalize_obs=False)
+        if "normalize_obs" not in previous:  # config.json from before 2026-12-01
+            # DSRL-SAC then saw raw observations, so it resumes with them; a DSRL-NA checkpoint holds its own statistics.
+            previous["normalize_obs"] = config.normalize_obs if config.method == "dsrl_na" else False
+            config = replace(config, normalize_obs=previous["normalize_obs"])
         # A resumed run may change its budget, whether it renders and how many episodes evaluate it (evaluation
         # draws no random numbers: training is the same).
         free = ("steps", "video", "eval_episodes")
