@@ -101,7 +101,8 @@ def test_sac_her_and_rlpd_refuse_tasks_they_cannot_run():
 @pytest.mark.parametrize("env_id", FETCH)
 def test_shipped_fetch_bases_succeed_sometimes_not_always(env_id):
     """The cloned base is what DSRL steers: it must succeed sometimes (the expert is in its support) and fail
-    often. Measured on 50 evaluation seeds, w ~ N(0, I) / w = 0: FetchPush 0.20 / 0.46, FetchPickAndPlace 0.42 / 0.50."""
+    often. Measured on 50 evaluation seeds, w ~ N(0, I) / w = 0: FetchPush 0.20 / 0.46,
+    FetchPickAndPlace 0.42 / 0.50."""
     from ddpo.steering.base import pretrained_path
     from ddpo.steering.evaluate import base_actor
     from ddpo.steering.policy import DiffusionPolicy
