@@ -196,7 +196,7 @@ def test_cli_list_shows_the_shipped_base_policies(capsys, tmp_path):
 
 
 def test_chunk_rewards_are_discounted_per_environment_step():
-    from ddpo.steering.dsrl_na import discounted_chunk
+    from ddpo.steering.noise_env import discounted_chunk
 
     assert discounted_chunk([-1, -1, -1, -1], 0.5) == pytest.approx((-1.875, 0.0625))
     assert discounted_chunk([-1, 0], 0.5) == pytest.approx((-1.0, 0.25))  # a chunk the time limit cut short
@@ -274,7 +274,8 @@ def test_per_environment_dsrl_defaults_fill_only_what_the_user_left_unset():
 
 
 def test_dsrl_sac_sees_standardised_observations_and_per_step_discounted_shifted_rewards(toy_policy):
-    from ddpo.steering.noise_env import AgentView, policy_obs_stats
+    from ddpo.steering.noise_env import AgentView
+    from ddpo.steering.policy import policy_obs_stats
 
     stats = policy_obs_stats(toy_policy)
     noise_env = NoiseActionEnv(make_env("TwoGoal-v0"), toy_policy)

@@ -42,9 +42,7 @@ def list_runs(runs_dir: str | Path = "runs") -> list[dict]:
 def load_run_actor(run_dir: str | Path) -> tuple[dict, ChunkActor]:
     """The trained agent of a run folder as a ChunkActor (deterministic), with the run's config dict."""
     from .baselines import RAW_METHODS, make_raw_model, raw_actor
-    from .envs import make_env
-    from .noise_env import AgentView, NoiseActionEnv, policy_obs_stats
-    from .train import load_base_policy
+    from .train import TrainConfig, dsrl_sac_env, load_base_policy
 
     run_dir = Path(run_dir)
     if run_dir.name == "checkpoint":
@@ -65,8 +63,7 @@ def load_run_actor(run_dir: str | Path) -> tuple[dict, ChunkActor]:
         from .sb3 import load_sac, make_sac
 
         # Runs from before observations were standardised (no "normalize_obs" in config.json) saw raw ones.
-        stats = policy_obs_stats(policy) if config.get("normalize_obs", False) else None
-        env = AgentView(NoiseActionEnv(make_env(config["env_id"]), policy, config["noise_bound"]), stats, 1.0)
+        env = dsrl_sac_env(TrainConfig(**{"normalize_obs": False, **config}).resolved(), policy)
         model = make_sac(env, config["seed"], config["hidden"], config["layers"], buffer_size=1)
         load_sac(model, run_dir / "checkpoint", with_buffer=False)
         return config, steered_actor(policy, lambda obs: model.predict(env.observation(obs), deterministic=True)[0])

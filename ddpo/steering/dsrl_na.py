@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .policy import SteerablePolicy
+from .policy import OBS_CLIP, SteerablePolicy, policy_obs_stats
 
 
 @dataclass
@@ -49,15 +49,6 @@ class DSRLNAConfig:
     # Standardise observations for the actor and critics with the base policy's statistics (clipped to +-5).
     # Fetch positions sit near 1.3 m with spreads of a few cm: raw, the block-to-goal distance is lost.
     normalize_obs: bool = True
-
-
-def discounted_chunk(step_rewards, gamma: float) -> tuple[float, float]:
-    """(sum_i gamma^i r_i, gamma^k) for the k rewards a chunk collected: the reward and bootstrap discount of
-    one chunk transition, so the chunk-level TD target equals the step-level return whatever k is."""
-    rewards = np.asarray(step_rewards, np.float64).reshape(-1)
-    if rewards.size == 0:
-        raise ValueError("a chunk transition needs at least one environment step")
-    return float(np.sum(gamma ** np.arange(rewards.size) * rewards)), float(gamma**rewards.size)
 
 
 def mlp(in_dim: int, out_dim: int, hidden: int, layers: int) -> nn.Sequential:
@@ -159,8 +150,9 @@ class DSRLNA(nn.Module):
         self.qa2_target.load_state_dict(self.qa2.state_dict())
         self.qw = mlp(obs_dim + noise_dim, 1, *sizes)
         mean, std = torch.zeros(obs_dim), torch.ones(obs_dim)
-        if config.normalize_obs and hasattr(policy, "obs_mean") and hasattr(policy, "obs_std"):
-            mean, std = policy.obs_mean.detach().clone().float(), policy.obs_std.detach().clone().float()
+        stats = policy_obs_stats(policy) if config.normalize_obs else None
+        if stats is not None:
+            mean, std = (torch.as_tensor(a) for a in stats)
         self.register_buffer("obs_mean", mean)
         self.register_buffer("obs_std", std)
         self.log_alpha = nn.Parameter(torch.full((1,), math.log(config.init_alpha)))
@@ -179,7 +171,7 @@ class DSRLNA(nn.Module):
 
     def normalize(self, obs: torch.Tensor) -> torch.Tensor:
         """What the actor and critics see: (obs - mean) / std, clipped to +-5 (the frozen policy gets raw obs)."""
-        return ((obs - self.obs_mean) / self.obs_std).clamp(-5.0, 5.0)
+        return ((obs - self.obs_mean) / self.obs_std).clamp(-OBS_CLIP, OBS_CLIP)
 
     def min_qa(self, obs: torch.Tensor, actions: torch.Tensor, target: bool = False) -> torch.Tensor:
         q1, q2 = (self.qa1_target, self.qa2_target) if target else (self.qa1, self.qa2)

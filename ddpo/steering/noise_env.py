@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .envs import check_finite
-from .policy import SteerablePolicy
+from .policy import OBS_CLIP, SteerablePolicy
 
 
 def check_policy_matches(env: gym.Env, policy: SteerablePolicy) -> None:
@@ -86,12 +86,13 @@ class NoiseActionEnv(gym.Wrapper, gym.utils.RecordConstructorArgs):
         return obs, total_reward, terminated, truncated, info
 
 
-def policy_obs_stats(policy: SteerablePolicy) -> tuple[np.ndarray, np.ndarray] | None:
-    """The base policy's observation mean and std (obs_dim,) each, or None for a policy without them."""
-    if not (hasattr(policy, "obs_mean") and hasattr(policy, "obs_std")):
-        return None
-    mean, std = (np.asarray(torch.as_tensor(t).detach().cpu(), np.float32) for t in (policy.obs_mean, policy.obs_std))
-    return mean, std
+def discounted_chunk(step_rewards, gamma: float) -> tuple[float, float]:
+    """(sum_i gamma^i r_i, gamma^k) for the k rewards a chunk collected: the reward and bootstrap discount of
+    one chunk transition, so the chunk-level TD target equals the step-level return whatever k is."""
+    rewards = np.asarray(step_rewards, np.float64).reshape(-1)
+    if rewards.size == 0:
+        raise ValueError("a chunk transition needs at least one environment step")
+    return float(np.sum(gamma ** np.arange(rewards.size) * rewards)), float(gamma**rewards.size)
 
 
 class AgentView(gym.Wrapper):
@@ -131,7 +132,7 @@ class AgentView(gym.Wrapper):
         if self.stats is None:
             return np.asarray(obs, np.float32)
         mean, std = self.stats
-        return np.clip((np.asarray(obs, np.float32) - mean) / std, -5.0, 5.0).astype(np.float32)
+        return np.clip((np.asarray(obs, np.float32) - mean) / std, -OBS_CLIP, OBS_CLIP).astype(np.float32)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         obs, info = self.env.reset(seed=seed, options=options)
@@ -139,6 +140,5 @@ class AgentView(gym.Wrapper):
 
     def step(self, action):
         obs, _, terminated, truncated, info = self.env.step(action)
-        rewards = np.asarray(info["step_rewards"], np.float64) + self.reward_shift
-        reward = float(np.sum(self.gamma ** np.arange(rewards.size) * rewards))
+        reward, _ = discounted_chunk(np.asarray(info["step_rewards"]) + self.reward_shift, self.gamma)
         return self.observation(obs), reward, terminated, truncated, info

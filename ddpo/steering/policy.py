@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -32,6 +33,19 @@ class SteerablePolicy(Protocol):
     horizon: int
 
     def __call__(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor: ...
+
+
+# What DSRL's learners see of an observation: standardised with the base policy's statistics, clipped to +-OBS_CLIP
+# (a rare outlier stays bounded). The frozen policy itself always decodes from raw observations.
+OBS_CLIP = 5.0
+
+
+def policy_obs_stats(policy: SteerablePolicy) -> tuple[np.ndarray, np.ndarray] | None:
+    """The base policy's observation mean and std (obs_dim,) each, or None for a policy without them."""
+    if not (hasattr(policy, "obs_mean") and hasattr(policy, "obs_std")):
+        return None
+    mean, std = (np.asarray(torch.as_tensor(t).detach().cpu(), np.float32) for t in (policy.obs_mean, policy.obs_std))
+    return mean, std
 
 
 class CallablePolicy:

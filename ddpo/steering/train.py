@@ -20,7 +20,8 @@ import torch
 from .envs import make_env, normalized_score, REFERENCE_RETURNS
 from .baselines import RAW_METHODS
 from .evaluate import ChunkActor, base_actor, evaluate_episodes, record_comparison, steered_actor
-from .noise_env import AgentView, NoiseActionEnv, check_policy_matches, policy_obs_stats
+from .noise_env import AgentView, NoiseActionEnv, check_policy_matches
+from .policy import policy_obs_stats
 
 METHODS = ("dsrl_sac", "dsrl_na", *RAW_METHODS)
 

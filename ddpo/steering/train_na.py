@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .dsrl_na import DSRLNA, DSRLNAConfig, ReplayBuffer, discounted_chunk
+from .dsrl_na import DSRLNA, DSRLNAConfig, ReplayBuffer
 from .envs import episode_success, make_env
 from .evaluate import ChunkActor, steered_actor
-from .noise_env import NoiseActionEnv
+from .noise_env import NoiseActionEnv, discounted_chunk
 
 
 def add_offline_demos(buffer: ReplayBuffer, env_id: str, seed: int, gamma: float, reward_shift: float = 0.0) -> int:
