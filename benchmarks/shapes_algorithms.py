@@ -1,20 +1,27 @@
-"""The DDPO paper's algorithm comparison in miniature, on the Shapes world's models, at equal reward queries.
+"""The DDPO paper's algorithm comparison in miniature, on both Shapes models, at equal reward queries.
 
 Every variant trains from a shipped Shapes model with its alignment preset (`shapes` -> configs/shapes_alignment.yaml,
-`shapes-flow` -> configs/shapes_flow_alignment.yaml) changed only as VARIANTS says, for the same epochs, samples per
-epoch (so the same reward queries) and seeds. Policy-gradient variants take 2 optimizer steps per epoch (so the PPO
-ratio moves off 1 and the clip acts) except `ddpo_sf`, which is on-policy and takes 1.
+`shapes-flow` -> configs/shapes_flow_alignment.yaml) changed only as VARIANTS says, for the same epochs of 64
+samples (so the same reward queries) and seeds, at the preset's learning rate or at each of `--lrs` (a tuning grid).
+Policy-gradient variants take 2 optimizer steps per epoch (so the PPO ratio moves off 1 and the clip acts) except
+`ddpo_sf`, which is on-policy and takes 1.
 
 Each run evaluates itself every `--eval-every` epochs with the Shapes evaluator as its judge
 (`reward.eval_name=shapes_accuracy`, all 168 prompts once, deterministic sampler): rare- and common-pair accuracy
-against reward queries, from one run. At the end `ddpo shapes eval --per-pair 16` measures the final checkpoint at
-the training sampler and at a deterministic one (eta 0, 20 steps). Writes
+against reward queries and training seconds, from one run. At the end `ddpo shapes eval --per-pair 16` measures the
+final checkpoint at the training sampler and at a deterministic one (eta 0, 20 steps). Writes
     benchmarks/results/shapes_algorithms.json   per run: reward per epoch, judge curves, final accuracies, wall time
-    benchmarks/results/shapes_algorithms.md     table: mean ± std over seeds
+    benchmarks/results/shapes_algorithms.md     table: mean ± std over seeds, per (model, variant, learning rate)
     benchmarks/results/shapes_algorithms.png    rare and common accuracy (judge) against reward queries
 
-    python benchmarks/shapes_algorithms.py                            # the UNet variants x 3 seeds, 2 at a time
-    python benchmarks/shapes_algorithms.py --model shapes-flow --append
+The measured comparison (docs/shapes.md, The algorithms compared): learning rates tuned on seed 0, then seeds 1-2 at
+the chosen one, every invocation with `--epochs 40 --append`:
+    python benchmarks/shapes_algorithms.py --model shapes-flow --seeds 0 --variants ddpo_is ddpo_sf grpo grpo_fast \
+        --lrs 1e-3 3e-3 --epochs 40 --append
+    python benchmarks/shapes_algorithms.py --model shapes-flow --seeds 0 --variants rwr nft --lrs 3e-4 1e-3 ...
+    python benchmarks/shapes_algorithms.py --model shapes --seeds 0 --variants rwr nft --lrs 1e-4 3e-4 ...
+    python benchmarks/shapes_algorithms.py --model shapes --seeds 0 --variants ddpo_is ddpo_sf ...   # the preset's lr
+    python benchmarks/shapes_algorithms.py --model M --seeds 1 2 --variants V --lrs LR ...           # each chosen one
     python benchmarks/shapes_algorithms.py --epochs 10 --seeds 0 --variants ddpo_is   # a quick look
 """
 
@@ -31,21 +38,32 @@ from pathlib import Path
 
 import numpy as np
 
-TWO_STEPS = ["train.gradient_accumulation_steps=1"]  # 32 samples per epoch in 2 optimizer steps of 16
+# Every variant draws 64 samples per epoch (so the same reward queries per epoch) and, except the on-policy
+# `ddpo_sf` (one step of 64), takes 2 optimizer steps of 32 per epoch, so the PPO ratio moves off 1 and the clip acts.
+# The UNet preset already does; the flow preset draws 16 in one step, hence FLOW_64.
+FLOW_64 = ["sample.num_batches_per_epoch=4", "train.gradient_accumulation_steps=2"]
+ONE_STEP = ["train.gradient_accumulation_steps=4"]  # `ddpo_sf`: the whole epoch in one optimizer step
+# The UNet default's advantages on the flow model: one image per prompt, per-prompt reward tracking (32 kept, 8 needed)
+PER_PROMPT = ["sample.images_per_prompt=1", "train.per_prompt_stat_tracking=true", "train.stat_buffer_size=32",
+              "train.stat_min_count=8"]
+EVERY_STEP = ["sample.sde_window=0", "train.timesteps_per_call=5"]  # all 10 steps stochastic and trained, 5 a call
 VARIANTS: dict[str, dict[str, list[str]]] = {
     "shapes": {
-        "ddpo_is": ["train.algorithm=ddpo_is", *TWO_STEPS],
-        "ddpo_sf": ["train.algorithm=ddpo_sf", "train.gradient_accumulation_steps=2"],  # on-policy: 1 step
-        "rwr": ["train.algorithm=rwr", *TWO_STEPS],
-        "rwr_sparse": ["train.algorithm=rwr_sparse", *TWO_STEPS],
-        "ddpo_is_kl": ["train.algorithm=ddpo_is", *TWO_STEPS, "train.kl_coef=0.001"],
-        "ddpo_is_groups": ["train.algorithm=ddpo_is", *TWO_STEPS, "sample.images_per_prompt=4"],
-        "nft": ["train.algorithm=nft", *TWO_STEPS],
+        "ddpo_is": ["train.algorithm=ddpo_is"],
+        "ddpo_sf": ["train.algorithm=ddpo_sf", *ONE_STEP],
+        "rwr": ["train.algorithm=rwr"],
+        "rwr_sparse": ["train.algorithm=rwr_sparse"],
+        "ddpo_is_kl": ["train.algorithm=ddpo_is", "train.kl_coef=0.001"],
+        "ddpo_is_groups": ["train.algorithm=ddpo_is", "sample.images_per_prompt=4"],
+        "nft": ["train.algorithm=nft"],
     },
     "shapes-flow": {
-        "grpo_fast": [],  # the preset: Flow-GRPO with its SDE window
-        "grpo": ["sample.sde_window=0"],  # every step stochastic and trained
-        "nft": ["train.algorithm=nft"],
+        "ddpo_is": ["train.algorithm=ddpo_is", *FLOW_64, *PER_PROMPT, *EVERY_STEP],
+        "ddpo_sf": ["train.algorithm=ddpo_sf", *FLOW_64, *ONE_STEP, *PER_PROMPT, *EVERY_STEP],
+        "rwr": ["train.algorithm=rwr", *FLOW_64, *PER_PROMPT, *EVERY_STEP],
+        "grpo": [*FLOW_64, *EVERY_STEP],  # Flow-GRPO: groups of 4 images of a prompt, every step
+        "grpo_fast": FLOW_64,  # the preset's Flow-GRPO-Fast: groups of 4, a window of 3 SDE steps
+        "nft": ["train.algorithm=nft", *FLOW_64, *PER_PROMPT, *EVERY_STEP],
     },
 }
 PRESET = {"shapes": "shapes_alignment", "shapes-flow": "shapes_flow_alignment"}
@@ -66,11 +84,15 @@ def _evaluate(model: str, lora: Path | None, out: Path, deterministic: bool) -> 
     return {"rare": result["rare_accuracy"], "common": result["common_accuracy"]}
 
 
-def run_one(model: str, variant: str, seed: int, args: argparse.Namespace) -> dict:
-    """Train in a fresh process with one torch thread; judge curves from its metrics, then the final evaluations."""
-    name = f"{model}_{variant}_s{seed}"
+def run_one(model: str, variant: str, lr: float | None, seed: int, args: argparse.Namespace) -> dict:
+    """Train in a fresh process with one torch thread; judge curves from its metrics, then the final evaluations.
+
+    `lr` None keeps the preset's learning rate."""
+    name = f"{model}_{variant}" + (f"_lr{lr:g}" if lr is not None else "") + f"_s{seed}"
     run_dir = args.out / name
-    cmd = [sys.executable, "-m", "ddpo.cli", "train", PRESET[model], *VARIANTS[model][variant], f"seed={seed}",
+    lr_override = [f"train.learning_rate={lr}"] if lr is not None else []
+    cmd = [sys.executable, "-m", "ddpo.cli", "train", PRESET[model], *VARIANTS[model][variant], *lr_override,
+           f"seed={seed}",
            f"train.num_epochs={args.epochs}", f"logging.output_dir={args.out}", f"logging.run_name={name}",
            "logging.progress=false", "logging.sample_grid=false", f"logging.save_every={args.epochs}",
            f"prompts.eval_every={args.eval_every}", "prompts.eval_split=all", "prompts.eval_num_prompts=168",
@@ -86,7 +108,11 @@ def run_one(model: str, variant: str, seed: int, args: argparse.Namespace) -> di
         (r["epoch"], r["eval_score_heldout"], r["eval_score_train"]) for r in rows if "eval_score_heldout" in r]
     final = {sampler: _evaluate(model, run_dir, args.out / f"{name}_{sampler}.json", sampler == "deterministic")
              for sampler in ("training", "deterministic")}
-    return {"model": model, "variant": variant, "seed": seed, "epochs": args.epochs,
+    from ddpo.config import config_from_file
+
+    return {"model": model, "variant": variant, "lr": config_from_file(run_dir / "config.yaml").train.learning_rate,
+            "seed": seed,
+            "epochs": args.epochs,
             "train_wall_s": round(sum(r["epoch_s"] for r in rows), 1), "wall_s": round(time.time() - start, 1),
             "samples_per_epoch": rows[0]["num_samples"], "epoch_s": [r["epoch_s"] for r in rows],
             "reward_mean": [r["reward_mean"] for r in rows], "judge": evals, "final": final}
@@ -101,63 +127,102 @@ def to_gain(run: dict) -> tuple[float | None, float | None]:
     return None, None
 
 
+def judge_at(run: dict, seconds: float) -> tuple[float, float]:
+    """The judge's (rare, common) at its last evaluation within `seconds` of training: equal wall-clock budgets."""
+    within = [point for point in run["judge"] if sum(run["epoch_s"][:point[0]]) <= seconds + 1e-9]
+    return within[-1][1], within[-1][2]
+
+
 def _ms(values: list[float], scale: float = 100.0, fmt: str = ".1f") -> str:
     return f"{scale * np.mean(values):{fmt}} ± {scale * np.std(values):{fmt}}"
 
 
-def table(runs: list[dict], base: dict) -> list[str]:
-    lines = ["| model | variant | seeds | reward queries | reward, first -> last 3 epochs | rare (train sampler) | "
-             "common (train sampler) | rare (eta 0, 20 steps) | common (eta 0, 20 steps) | queries to +15 rare (judge) | "
-             "train s |", "|" + "---|" * 11]
+def groups(runs: list[dict], model: str) -> list[tuple[str, list[dict]]]:
+    """The model's runs by (variant, learning rate), in VARIANTS order then by learning rate."""
+    keys = sorted({(r["variant"], r["lr"]) for r in runs if r["model"] == model},
+                  key=lambda k: (list(VARIANTS[model]).index(k[0]), k[1]))
+    return [(f"{v} (lr {lr:g})", [r for r in runs if r["model"] == model and (r["variant"], r["lr"]) == (v, lr)])
+            for v, lr in keys]
+
+
+def _when(values: list[float | None], fmt: str) -> str:
+    hits = [v for v in values if v is not None]
+    return f"{np.median(hits):{fmt}} ({len(hits)}/{len(values)})" if hits else f"not reached (0/{len(values)})"
+
+
+def tuning(runs: list[dict]) -> list[str]:
+    """Seed 0 at every learning rate tried: the learning rate of each variant was chosen on this table."""
+    lines = ["| model | variant | rare / common (train sampler) | rare / common (eta 0, 20 steps) | judge rare, epochs "
+             "10 / 20 / 30 / 40 |", "|---|---|---|---|---|"]
     for model in VARIANTS:
-        b = base.get(model)
-        if b:
-            lines.append(f"| {model} | base model | | 0 | | {100 * b['training']['rare']:.1f} | "
-                         f"{100 * b['training']['common']:.1f} | {100 * b['deterministic']['rare']:.1f} | "
-                         f"{100 * b['deterministic']['common']:.1f} | | |")
-        for variant in VARIANTS[model]:
-            mine = [r for r in runs if r["model"] == model and r["variant"] == variant]
-            if not mine:
-                continue
-            first = [r["reward_mean"][0] for r in mine]
-            last = [np.mean(r["reward_mean"][-3:]) for r in mine]
-            reached = [to_gain(r)[0] for r in mine]
-            hits = [q for q in reached if q is not None]
-            when = f"{int(np.median(hits))} ({len(hits)}/{len(mine)} seeds)" if hits else f"not reached (0/{len(mine)})"
-            f = {s: {k: [r["final"][s][k] for r in mine] for k in ("rare", "common")} for s in ("training", "deterministic")}
-            lines.append(
-                f"| {model} | {variant} | {len(mine)} | {mine[0]['samples_per_epoch'] * mine[0]['epochs']} | "
-                f"{np.mean(first):.3f} -> {np.mean(last):.3f} | {_ms(f['training']['rare'])} | "
-                f"{_ms(f['training']['common'])} | {_ms(f['deterministic']['rare'])} | "
-                f"{_ms(f['deterministic']['common'])} | {when} | {np.mean([r['train_wall_s'] for r in mine]):.0f} |")
+        for label, mine in groups([r for r in runs if r["seed"] == 0], model):
+            f = mine[0]["final"]
+            lines.append(f"| {model} | {label} | {100 * f['training']['rare']:.1f} / {100 * f['training']['common']:.1f}"
+                         f" | {100 * f['deterministic']['rare']:.1f} / {100 * f['deterministic']['common']:.1f} | "
+                         + " / ".join(f"{100 * point[1]:.1f}" for point in mine[0]["judge"][1:]) + " |")
     return lines
 
 
-def plot(runs: list[dict], path: Path) -> None:
+def table(runs: list[dict], base: dict) -> list[str]:
+    """Mean ± std over seeds per (model, variant, lr) run on more than one seed (every group if none was); the equal
+    wall-clock column judges every run of a model at the training time of its fastest variant (mean over seeds)."""
+    several = [r for r in runs if sum((o["model"], o["variant"], o["lr"]) == (r["model"], r["variant"], r["lr"])
+                                      for o in runs) > 1]
+    runs = several or runs
+    lines = ["| model | variant | seeds | reward queries | reward, first -> last 3 epochs | rare (train sampler) | "
+             "common (train sampler) | rare (eta 0, 20 steps) | common (eta 0, 20 steps) | queries to +15 rare (judge) "
+             "| train s to +15 | judge rare / common at equal time | train s |", "|" + "---|" * 13]
+    for model in VARIANTS:
+        b, rows = base.get(model), groups(runs, model)
+        if not rows:
+            continue
+        if b:
+            lines.append(f"| {model} | base model | | 0 | | {100 * b['training']['rare']:.1f} | "
+                         f"{100 * b['training']['common']:.1f} | {100 * b['deterministic']['rare']:.1f} | "
+                         f"{100 * b['deterministic']['common']:.1f} | | | | |")
+        budget = min(np.mean([r["train_wall_s"] for r in mine]) for _, mine in rows)
+        for label, mine in rows:
+            first = [r["reward_mean"][0] for r in mine]
+            last = [np.mean(r["reward_mean"][-3:]) for r in mine]
+            reached = [to_gain(r) for r in mine]
+            at = np.array([judge_at(r, budget) for r in mine])
+            f = {s: {k: [r["final"][s][k] for r in mine] for k in ("rare", "common")} for s in ("training", "deterministic")}
+            lines.append(
+                f"| {model} | {label} | {len(mine)} | {mine[0]['samples_per_epoch'] * mine[0]['epochs']} | "
+                f"{np.mean(first):.3f} -> {np.mean(last):.3f} | {_ms(f['training']['rare'])} | "
+                f"{_ms(f['training']['common'])} | {_ms(f['deterministic']['rare'])} | "
+                f"{_ms(f['deterministic']['common'])} | {_when([q for q, _ in reached], '.0f')} | "
+                f"{_when([t for _, t in reached], '.0f')} | {100 * at[:, 0].mean():.1f} / {100 * at[:, 1].mean():.1f} "
+                f"({budget:.0f} s) | {np.mean([r['train_wall_s'] for r in mine]):.0f} |")
+    return lines
+
+
+def plot(runs: list[dict], path: Path, chosen: dict[str, dict[str, float]] | None = None) -> None:
+    """Judge accuracy against reward queries, one line per variant (at `chosen` learning rates if given)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = [m for m in VARIANTS if any(r["model"] == m for r in runs)]
-    fig, axes = plt.subplots(len(models), 2, figsize=(10, 3.6 * len(models)), squeeze=False)
+    fig, axes = plt.subplots(len(models), 2, figsize=(11, 3.8 * len(models)), squeeze=False)
     for row, model in enumerate(models):
-        for variant in VARIANTS[model]:
-            mine = [r for r in runs if r["model"] == model and r["variant"] == variant]
-            if not mine:
+        for label, mine in groups(runs, model):
+            variant, lr = mine[0]["variant"], mine[0]["lr"]
+            if chosen and chosen.get(model, {}).get(variant, lr) != lr:
                 continue
             curves = np.array([[point[1:] for point in r["judge"]] for r in mine])  # (seeds, evals, 2)
             queries = np.array([point[0] for point in mine[0]["judge"]]) * mine[0]["samples_per_epoch"]
             for col in range(2):
                 mean, std = curves[:, :, col].mean(0), curves[:, :, col].std(0)
-                line, = axes[row, col].plot(queries, 100 * mean, label=variant)
+                line, = axes[row, col].plot(queries, 100 * mean, label=f"{label}, {len(mine)} seeds")
                 axes[row, col].fill_between(queries, 100 * (mean - std), 100 * (mean + std), alpha=0.15,
                                             color=line.get_color())
         for col, pairs in enumerate(("rare", "common")):
             axes[row, col].set_title(f"{model}: {pairs} pairs (evaluator, deterministic sampler)")
             axes[row, col].set_xlabel("reward queries")
             axes[row, col].set_ylabel("accuracy %")
-        axes[row, 0].legend(fontsize=8)
+        axes[row, 0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -169,6 +234,8 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--lrs", type=float, nargs="+", default=[None],
+                        help="learning rates to run each variant at (default: the preset's); a tuning grid")
     parser.add_argument("--append", action="store_true", help="keep the other runs already in the results JSON")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (one torch thread each)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_shapes_algorithms"))
@@ -179,7 +246,7 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown variant(s) {unknown} for --model {args.model}; choose from {list(VARIANTS[args.model])}")
     args.out.mkdir(parents=True, exist_ok=True)
-    jobs = [(args.model, v, s) for s in args.seeds for v in variants]
+    jobs = [(args.model, v, lr, s) for s in args.seeds for lr in args.lrs for v in variants]
     with ThreadPoolExecutor(args.parallel) as pool:
         runs = list(pool.map(lambda job: run_one(*job, args), jobs))
     result_file = RESULTS / "shapes_algorithms.json"
@@ -187,14 +254,19 @@ def main() -> int:
     base = old.get("base", {})
     base[args.model] = {s: _evaluate(args.model, None, args.out / f"{args.model}_base_{s}.json", s == "deterministic")
                         for s in ("training", "deterministic")}
-    done = {(r["model"], r["variant"], r["seed"]) for r in runs}
-    runs = [r for r in old.get("runs", []) if "model" in r and (r["model"], r["variant"], r["seed"]) not in done] + runs
+    key = lambda r: (r["model"], r["variant"], r.get("lr"), r["seed"])  # noqa: E731
+    done = {key(r) for r in runs}
+    runs = [r for r in old.get("runs", []) if "lr" in r and key(r) not in done] + runs
     RESULTS.mkdir(parents=True, exist_ok=True)
     result_file.write_text(json.dumps({"base": base, "epochs": args.epochs, "runs": runs}, indent=1))
-    lines = table(runs, base)
+    lines = table(runs, base) + ["", "Learning rates tried (seed 0):", ""] + tuning(runs)
     (RESULTS / "shapes_algorithms.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(runs, RESULTS / "shapes_algorithms.png")
+    several = [r for r in runs if r["seed"] != 0]
+    chosen = {r["model"]: {} for r in several}
+    for r in several:
+        chosen[r["model"]][r["variant"]] = r["lr"]
+    plot(runs, RESULTS / "shapes_algorithms.png", chosen)
     return 0
 
 

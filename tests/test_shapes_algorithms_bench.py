@@ -1,0 +1,42 @@
+"""benchmarks/shapes_algorithms.py: every variant is a valid config at equal reward queries, and the table's
+"to +15 points" and "equal wall-clock" readings of a run's judge curve."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from ddpo.config import load_config
+from ddpo.validation import optimizer_steps_per_epoch
+
+_spec = importlib.util.spec_from_file_location(
+    "shapes_algorithms", Path(__file__).parent.parent / "benchmarks" / "shapes_algorithms.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+@pytest.mark.parametrize("model,variant", [(m, v) for m in bench.VARIANTS for v in bench.VARIANTS[m]])
+def test_every_variant_draws_64_samples_in_two_steps_or_one_on_policy(model, variant):
+    config = load_config(bench.PRESET[model], bench.VARIANTS[model][variant])  # validated, as `ddpo train` would
+    assert config.sample.batch_size * config.sample.num_batches_per_epoch == 64
+    assert optimizer_steps_per_epoch(config) == (1 if config.train.algorithm == "ddpo_sf" else 2)
+    if model == "shapes-flow" and variant != "grpo_fast":
+        assert config.sample.sde_window == 0  # every step stochastic and trained; only grpo_fast keeps the window
+    assert (config.train.algorithm == "grpo") == variant.startswith("grpo")
+
+
+def _run(judge: list[tuple[int, float, float]]) -> dict:
+    return {"judge": judge, "samples_per_epoch": 64, "epoch_s": [2.0] * 40}
+
+
+def test_to_gain_is_the_first_evaluation_15_points_above_the_start():
+    run = _run([(0, 0.50, 0.9), (10, 0.60, 0.9), (20, 0.66, 0.9), (30, 0.55, 0.9), (40, 0.70, 0.9)])
+    assert bench.to_gain(run) == (20 * 64, 40.0)  # 0.65 is +15; epoch 20 after 20 epochs of 2 s
+    assert bench.to_gain(_run([(0, 0.5, 0.9), (10, 0.64, 0.9)])) == (None, None)
+
+
+def test_judge_at_takes_the_last_evaluation_within_the_budget():
+    run = _run([(0, 0.50, 0.90), (10, 0.60, 0.91), (20, 0.66, 0.92)])
+    assert bench.judge_at(run, 39.9) == (0.60, 0.91)  # epoch 20 ends at 40 s
+    assert bench.judge_at(run, 40.0) == (0.66, 0.92)
+    assert bench.judge_at(run, 0.0) == (0.50, 0.90)  # the start, before any training
