@@ -133,6 +133,20 @@ def judge_at(run: dict, seconds: float) -> tuple[float, float]:
     return within[-1][1], within[-1][2]
 
 
+def tuned_lr(runs: list[dict], base: dict, model: str, variant: str) -> float:
+    """The learning rate chosen on seed 0: the highest rare accuracy at the training sampler among those keeping
+    common pairs within 3 points of the base (ties: rare at the deterministic sampler); if none does, the one that
+    keeps common pairs best."""
+    tried = [r for r in runs if (r["model"], r["variant"], r["seed"]) == (model, variant, 0)]
+    if not tried:
+        raise SystemExit(f"no seed-0 run of {model} {variant} to choose a learning rate from: run --seeds 0 --lrs ...")
+    final = lambda r, s, k: r["final"][s][k]  # noqa: E731
+    keeps = [r for r in tried if final(r, "training", "common") >= base[model]["training"]["common"] - 0.03 - 1e-9]
+    if not keeps:
+        return max(tried, key=lambda r: final(r, "training", "common"))["lr"]
+    return max(keeps, key=lambda r: (final(r, "training", "rare"), final(r, "deterministic", "rare")))["lr"]
+
+
 def _ms(values: list[float], scale: float = 100.0, fmt: str = ".1f") -> str:
     return f"{scale * np.mean(values):{fmt}} ± {scale * np.std(values):{fmt}}"
 
@@ -234,8 +248,9 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--lrs", type=float, nargs="+", default=[None],
-                        help="learning rates to run each variant at (default: the preset's); a tuning grid")
+    parser.add_argument("--lrs", nargs="+", default=[None], type=lambda v: v if v == "tuned" else float(v),
+                        help="learning rates to run each variant at (default: the preset's): a tuning grid, or "
+                             "`tuned`: each variant's choice among its seed-0 runs in the results (tuned_lr)")
     parser.add_argument("--append", action="store_true", help="keep the other runs already in the results JSON")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (one torch thread each)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_shapes_algorithms"))
@@ -246,11 +261,19 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown variant(s) {unknown} for --model {args.model}; choose from {list(VARIANTS[args.model])}")
     args.out.mkdir(parents=True, exist_ok=True)
-    jobs = [(args.model, v, lr, s) for s in args.seeds for lr in args.lrs for v in variants]
-    with ThreadPoolExecutor(args.parallel) as pool:
-        runs = list(pool.map(lambda job: run_one(*job, args), jobs))
     result_file = RESULTS / "shapes_algorithms.json"
     old = json.loads(result_file.read_text()) if args.append and result_file.is_file() else {}
+    if "tuned" in args.lrs:
+        if args.lrs != ["tuned"]:
+            parser.error("--lrs tuned stands alone")
+        choice = {v: tuned_lr(old.get("runs", []), old.get("base", {}), args.model, v) for v in variants}
+        print(f"tuned learning rates: {choice}")
+        jobs = [(args.model, v, choice[v], s) for s in args.seeds for v in variants]
+    else:
+        jobs = [(args.model, v, lr, s) for s in args.seeds for lr in args.lrs for v in variants]
+    with ThreadPoolExecutor(args.parallel) as pool:
+        runs = list(pool.map(lambda job: run_one(*job, args), jobs))
+    old = json.loads(result_file.read_text()) if args.append and result_file.is_file() else {}  # as it is now
     base = old.get("base", {})
     base[args.model] = {s: _evaluate(args.model, None, args.out / f"{args.model}_base_{s}.json", s == "deterministic")
                         for s in ("training", "deterministic")}

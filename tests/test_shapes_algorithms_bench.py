@@ -40,3 +40,19 @@ def test_judge_at_takes_the_last_evaluation_within_the_budget():
     assert bench.judge_at(run, 39.9) == (0.60, 0.91)  # epoch 20 ends at 40 s
     assert bench.judge_at(run, 40.0) == (0.66, 0.92)
     assert bench.judge_at(run, 0.0) == (0.50, 0.90)  # the start, before any training
+
+
+def _tried(lr: float, rare: float, common: float, rare_eta0: float = 0.5) -> dict:
+    final = {"training": {"rare": rare, "common": common}, "deterministic": {"rare": rare_eta0, "common": common}}
+    return {"model": "shapes", "variant": "nft", "seed": 0, "lr": lr, "final": final}
+
+
+def test_tuned_lr_is_the_best_rare_that_keeps_common_within_3_points():
+    base = {"shapes": {"training": {"rare": 0.35, "common": 0.934}}}
+    runs = [_tried(1e-4, 0.417, 0.931), _tried(3e-4, 0.448, 0.903), _tried(1e-3, 0.40, 0.95)]
+    assert bench.tuned_lr(runs, base, "shapes", "nft") == 1e-4  # 3e-4 gains more but loses 3.1 common points
+    runs.append(_tried(3e-5, 0.417, 0.94, rare_eta0=0.6))
+    assert bench.tuned_lr(runs, base, "shapes", "nft") == 3e-5  # a tie on rare, broken at the deterministic sampler
+    assert bench.tuned_lr([_tried(1e-3, 0.1, 0.5), _tried(3e-3, 0.2, 0.4)], base, "shapes", "nft") == 1e-3
+    with pytest.raises(SystemExit, match="no seed-0 run"):
+        bench.tuned_lr(runs, base, "shapes", "rwr")
