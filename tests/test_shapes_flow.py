@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,13 +143,26 @@ def test_eval_defaults_to_the_presets_sampler_for_each_model(family):
     assert default_eval_sampler(SDFamily.__new__(SDFamily)) == (EVAL_STEPS, EVAL_GUIDANCE, EVAL_ETA)
 
 
-def test_flow_preset_validates_and_trains_grpo_fast_on_mixed_prompts():
+def test_flow_preset_is_the_measured_grpo_row_of_the_comparison():
+    """docs/shapes.md documents the preset by the comparison's `grpo` row (2,560 queries at the tuned 1e-3): the
+    preset trains exactly that variant, which only adds evaluations and logging to its runs."""
+    import importlib.util
+    from dataclasses import asdict
+
     from ddpo.config import load_config
 
+    spec = importlib.util.spec_from_file_location(
+        "shapes_algorithms", Path(__file__).parent.parent / "benchmarks" / "shapes_algorithms.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
     config = load_config("shapes_flow_alignment")
+    row = load_config("shapes_flow_alignment", [*bench.VARIANTS["shapes-flow"]["grpo"], "train.learning_rate=1e-3",
+                                                "train.num_epochs=40"])
+    for section in ("model", "sample", "train", "reward", "seed"):
+        assert asdict(config)[section] == asdict(row)[section], section
     assert config.model.pretrained == "shapes-flow" and config.train.algorithm == "grpo"
     assert config.sample.images_per_prompt >= 2 and config.sample.eta > 0
-    assert config.prompts.split == "mix" and config.sample.sde_window > 0
+    assert config.prompts.split == "mix" and config.sample.sde_window == 0
     assert config.reward.name == load_config("shapes_alignment").reward.name
     assert config.reward.kwargs == load_config("shapes_alignment").reward.kwargs
 
