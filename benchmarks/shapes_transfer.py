@@ -9,7 +9,8 @@ rare pairs, the unseen rare pairs and the common pairs, at the training sampler 
     ddpo train shapes_alignment prompts.grammar=shapes_transfer
 
     python benchmarks/shapes_transfer.py                          # the UNet, 3 seeds, 2 at a time
-    python benchmarks/shapes_transfer.py --model shapes-flow --preset shapes_flow_alignment --append
+    python benchmarks/shapes_transfer.py --model shapes-flow --preset shapes_flow_alignment --append [overrides]
+                                                                  # the flow model (docs/shapes.md: the measured overrides)
 """
 
 from __future__ import annotations
