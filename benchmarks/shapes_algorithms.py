@@ -14,14 +14,12 @@ final checkpoint at the training sampler and at a deterministic one (eta 0, 20 s
     benchmarks/results/shapes_algorithms.md     table: mean ± std over seeds, per (model, variant, learning rate)
     benchmarks/results/shapes_algorithms.png    rare and common accuracy (judge) against reward queries
 
-The measured comparison (docs/shapes.md, The algorithms compared): learning rates tuned on seed 0, then seeds 1-2 at
-the chosen one, every invocation with `--epochs 40 --append`:
-    python benchmarks/shapes_algorithms.py --model shapes-flow --seeds 0 --variants ddpo_is ddpo_sf grpo grpo_fast \
-        --lrs 1e-3 3e-3 --epochs 40 --append
-    python benchmarks/shapes_algorithms.py --model shapes-flow --seeds 0 --variants rwr nft --lrs 3e-4 1e-3 ...
-    python benchmarks/shapes_algorithms.py --model shapes --seeds 0 --variants rwr nft --lrs 1e-4 3e-4 ...
-    python benchmarks/shapes_algorithms.py --model shapes --seeds 0 --variants ddpo_is ddpo_sf ...   # the preset's lr
-    python benchmarks/shapes_algorithms.py --model M --seeds 1 2 --variants V --lrs LR ...           # each chosen one
+The measured comparison (docs/shapes.md, The paper's comparison in miniature, has the exact commands): learning
+rates tuned on seed 0 (`--seeds 0 --lrs A B C`), then seeds 1-2 at each variant's choice (`--seeds 1 2 --lrs tuned`),
+every invocation with `--epochs 40 --append`:
+    python benchmarks/shapes_algorithms.py --model shapes-flow --seeds 0 --lrs 3e-4 1e-3 3e-3 --epochs 40 --append \
+        --variants ddpo_is ddpo_sf grpo grpo_fast
+    python benchmarks/shapes_algorithms.py --model shapes-flow --seeds 1 2 --lrs tuned --epochs 40 --append
     python benchmarks/shapes_algorithms.py --epochs 10 --seeds 0 --variants ddpo_is   # a quick look
 """
 
@@ -37,6 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from ddpo.config import config_from_file
 
 # Every variant draws 64 samples per epoch (so the same reward queries per epoch) and, except the on-policy
 # `ddpo_sf` (one step of 64), takes 2 optimizer steps of 32 per epoch, so the PPO ratio moves off 1 and the clip acts.
@@ -94,8 +94,7 @@ def run_one(model: str, variant: str, lr: float | None, seed: int, args: argpars
     run_dir = args.out / name
     lr_override = [f"train.learning_rate={lr}"] if lr is not None else []
     cmd = [sys.executable, "-m", "ddpo.cli", "train", PRESET[model], *VARIANTS[model][variant], *lr_override,
-           f"seed={seed}",
-           f"train.num_epochs={args.epochs}", f"logging.output_dir={args.out}", f"logging.run_name={name}",
+           f"seed={seed}", f"train.num_epochs={args.epochs}", f"logging.output_dir={args.out}", f"logging.run_name={name}",
            "logging.progress=false", "logging.sample_grid=false", f"logging.save_every={args.epochs}",
            f"prompts.eval_every={args.eval_every}", "prompts.eval_split=all", "prompts.eval_num_prompts=168",
            "reward.eval_name=shapes_accuracy", *args.overrides]
@@ -110,11 +109,8 @@ def run_one(model: str, variant: str, lr: float | None, seed: int, args: argpars
         (r["epoch"], r["eval_score_heldout"], r["eval_score_train"]) for r in rows if "eval_score_heldout" in r]
     final = {sampler: _evaluate(model, run_dir, args.out / f"{name}_{sampler}.json", sampler == "deterministic")
              for sampler in ("training", "deterministic")}
-    from ddpo.config import config_from_file
-
     return {"model": model, "variant": variant, "lr": config_from_file(run_dir / "config.yaml").train.learning_rate,
-            "seed": seed,
-            "epochs": args.epochs,
+            "seed": seed, "epochs": args.epochs,
             "train_wall_s": round(sum(r["epoch_s"] for r in rows), 1), "wall_s": round(time.time() - start, 1),
             "samples_per_epoch": rows[0]["num_samples"], "epoch_s": [r["epoch_s"] for r in rows],
             "reward_mean": [r["reward_mean"] for r in rows], "judge": evals, "final": final}
