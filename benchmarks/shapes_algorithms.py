@@ -31,6 +31,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -175,12 +176,15 @@ def tuning(runs: list[dict]) -> list[str]:
     return lines
 
 
+def measured(runs: list[dict]) -> list[dict]:
+    """The runs of every (model, variant, lr) run on more than one seed (the tuned ones), or all runs if none was."""
+    count = Counter((r["model"], r["variant"], r["lr"]) for r in runs)
+    return [r for r in runs if count[r["model"], r["variant"], r["lr"]] > 1] or runs
+
+
 def table(runs: list[dict], base: dict) -> list[str]:
-    """Mean ± std over seeds per (model, variant, lr) run on more than one seed (every group if none was); the equal
-    wall-clock column judges every run of a model at the training time of its fastest variant (mean over seeds)."""
-    several = [r for r in runs if sum((o["model"], o["variant"], o["lr"]) == (r["model"], r["variant"], r["lr"])
-                                      for o in runs) > 1]
-    runs = several or runs
+    """Mean ± std over seeds per (model, variant, lr) of `runs`; the equal wall-clock column judges every run of a
+    model at the training time of its fastest variant (mean over seeds)."""
     lines = ["| model | variant | seeds | reward queries | reward, first -> last 3 epochs | rare (train sampler) | "
              "common (train sampler) | rare (eta 0, 20 steps) | common (eta 0, 20 steps) | queries to +15 rare (judge) "
              "| train s to +15 | judge rare / common at equal time | train s |", "|" + "---|" * 13]
@@ -209,8 +213,8 @@ def table(runs: list[dict], base: dict) -> list[str]:
     return lines
 
 
-def plot(runs: list[dict], path: Path, chosen: dict[str, dict[str, float]] | None = None) -> None:
-    """Judge accuracy against reward queries, one line per variant (at `chosen` learning rates if given)."""
+def plot(runs: list[dict], path: Path) -> None:
+    """Judge accuracy against reward queries, one line per (variant, lr) of `runs`, mean ± std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -220,9 +224,6 @@ def plot(runs: list[dict], path: Path, chosen: dict[str, dict[str, float]] | Non
     fig, axes = plt.subplots(len(models), 2, figsize=(11, 3.8 * len(models)), squeeze=False)
     for row, model in enumerate(models):
         for label, mine in groups(runs, model):
-            variant, lr = mine[0]["variant"], mine[0]["lr"]
-            if chosen and chosen.get(model, {}).get(variant, lr) != lr:
-                continue
             curves = np.array([[point[1:] for point in r["judge"]] for r in mine])  # (seeds, evals, 2)
             queries = np.array([point[0] for point in mine[0]["judge"]]) * mine[0]["samples_per_epoch"]
             for col in range(2):
@@ -280,14 +281,10 @@ def main() -> int:
     runs = [r for r in old.get("runs", []) if "lr" in r and key(r) not in done] + runs
     RESULTS.mkdir(parents=True, exist_ok=True)
     result_file.write_text(json.dumps({"base": base, "epochs": args.epochs, "runs": runs}, indent=1))
-    lines = table(runs, base) + ["", "Learning rates tried (seed 0):", ""] + tuning(runs)
+    lines = table(measured(runs), base) + ["", "Learning rates tried (seed 0):", ""] + tuning(runs)
     (RESULTS / "shapes_algorithms.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    several = [r for r in runs if r["seed"] != 0]
-    chosen = {r["model"]: {} for r in several}
-    for r in several:
-        chosen[r["model"]][r["variant"]] = r["lr"]
-    plot(runs, RESULTS / "shapes_algorithms.png", chosen)
+    plot(measured(runs), RESULTS / "shapes_algorithms.png")
     return 0
 
 

@@ -56,3 +56,10 @@ def test_tuned_lr_is_the_best_rare_that_keeps_common_within_3_points():
     assert bench.tuned_lr([_tried(1e-3, 0.1, 0.5), _tried(3e-3, 0.2, 0.4)], base, "shapes", "nft") == 1e-3
     with pytest.raises(SystemExit, match="no seed-0 run"):
         bench.tuned_lr(runs, base, "shapes", "rwr")
+
+
+def test_the_table_keeps_the_variants_run_on_several_seeds():
+    grid = [_tried(1e-4, 0.4, 0.93), _tried(3e-4, 0.45, 0.90)]  # seed 0 of the tuning grid
+    seeds = [{**_tried(1e-4, 0.4, 0.93), "seed": s} for s in (1, 2)]
+    assert bench.measured(grid + seeds) == [grid[0], *seeds]
+    assert bench.measured(grid) == grid  # nothing measured on several seeds yet: every run
