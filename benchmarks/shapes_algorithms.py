@@ -165,8 +165,9 @@ def _when(values: list[float | None], fmt: str) -> str:
 
 def tuning(runs: list[dict]) -> list[str]:
     """Seed 0 at every learning rate tried: the learning rate of each variant was chosen on this table."""
+    epochs = " / ".join(str(point[0]) for point in runs[0]["judge"][1:]) if runs else ""
     lines = ["| model | variant | rare / common (train sampler) | rare / common (eta 0, 20 steps) | judge rare, epochs "
-             "10 / 20 / 30 / 40 |", "|---|---|---|---|---|"]
+             f"{epochs} |", "|---|---|---|---|---|"]
     for model in VARIANTS:
         for label, mine in groups([r for r in runs if r["seed"] == 0], model):
             f = mine[0]["final"]
