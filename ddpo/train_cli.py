@@ -28,6 +28,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+    status = _main(argv)
+    if _launched_distributed():
+        _exit_now(status)
+    return status
+
+
+def _launched_distributed() -> bool:
+    """True in a process started by torchrun or `accelerate launch` with more than one process."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _exit_now(status: int) -> None:
+    """End a distributed process without the interpreter's teardown.
+
+    Everything the run writes is on disk and the process group is gone (accelerate's end_training destroys it),
+    yet gloo's and FSDP2's threads can still abort the process at C++ static destruction ("terminate called
+    without an active exception", SIGABRT): measured on 2 CPU processes, 6 in 20 plain gloo runs without
+    destroy_process_group(), and 2-5 in 20 FSDP2 runs even with it. A finished run would then exit non-zero,
+    so it leaves through os._exit once its output is flushed.
+    """
+    import logging
+    import os
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
+
+
+def _main(argv: list[str]) -> int:
     from ddpo.config import DEFAULT_PRESET, ConfigError, list_presets, load_config, preset_description
 
     args = build_parser().parse_args(argv)

@@ -226,7 +226,8 @@ def train(config: Config, resume: str | None = None) -> Path:
         evaluator.close()
         reward_pool.close()
         # accelerate keeps mixed precision in a process-wide singleton; forget it so that a later train() in
-        # this process (a notebook, a benchmark) may choose another. The process group (PartialState) stays.
+        # this process (a notebook, a benchmark) may choose another. end_training() above has already destroyed
+        # the process group of a distributed run.
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state()

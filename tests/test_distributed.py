@@ -38,6 +38,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, pr
     two = launch(2, preset, *COMMON, "sample.num_batches_per_epoch=1", "train.gradient_accumulation_steps=1",
                  f"logging.output_dir={tmp_path}", "logging.run_name=two")
     assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.splitlines()[-1].startswith("done: run folder")  # flushed before the process left (os._exit)
     rows_one, rows_two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
     assert [r["num_samples"] for r in rows_two] == [4, 4]  # rewards gathered from both processes
     assert [r["reward_mean"] for r in rows_one] == pytest.approx([r["reward_mean"] for r in rows_two], rel=1e-6)
@@ -52,3 +53,17 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, pr
     for key in weights_one:
         # Summation order differs; Adam turns float noise in a near-zero gradient into a move of up to ~lr (1e-2)
         torch.testing.assert_close(weights_two[key], weights_one[key], rtol=1e-4, atol=1e-4)
+
+
+def test_a_distributed_ddpo_train_leaves_through_os_exit_with_its_status(monkeypatch, capsys):
+    """gloo's and FSDP2's threads can abort (SIGABRT) a finished run at interpreter teardown; under a launcher
+    `ddpo train` skips that teardown, after flushing what it printed, and keeps its exit status."""
+    from ddpo import train_cli
+
+    left = []
+    monkeypatch.setattr(os, "_exit", left.append)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    train_cli.main(["tiny_cpu", "train.num_epochs=0"])  # a config error: exit status 2
+    assert left == [2] and "config error" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert train_cli.main(["--list-presets"]) == 0 and left == [2]  # one process: an ordinary return

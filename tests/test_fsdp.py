@@ -83,8 +83,11 @@ def test_two_sharded_processes_train_as_one_unsharded_process(runs):
     assert rows_two[1]["eval_reward_mean"] == pytest.approx(rows_one[1]["eval_reward_mean"], rel=1e-5)
     final_one, final_two, initial = lora(tmp / "one"), lora(tmp / "two"), lora(tmp / "one", 0)
     assert any(not torch.equal(final_one[k], initial[k]) for k in initial)
-    for key in final_one:  # Adam amplifies float noise in near-zero gradients: DDP differs from 1 process as much
-        torch.testing.assert_close(final_two[key], final_one[key], rtol=1e-5, atol=5e-5)  # a step moves ~1e-2
+    # Adam amplifies float noise in near-zero gradients: DDP differs from 1 process as much, and by how much
+    # depends on the CPU's kernels (7.4e-5 on one element on an AMD EPYC). A step moves ~1e-2; the moments,
+    # compared tightly below, are what pin the gradients.
+    for key in final_one:
+        torch.testing.assert_close(final_two[key], final_one[key], rtol=1e-5, atol=2e-4)
     # The optimizer state is gathered into the unsharded format: same ids, groups and (nearly) the same moments.
     opt_one, opt_two = (torch.load(list_checkpoints(tmp / r)[-1] / "optimizer.pt") for r in ("one", "two"))
     assert opt_one["param_groups"] == opt_two["param_groups"] and opt_one["state"].keys() == opt_two["state"].keys()
