@@ -21,6 +21,10 @@ every invocation with `--epochs 40 --append`:
         --variants ddpo_is ddpo_sf grpo grpo_fast
     python benchmarks/shapes_algorithms.py --model shapes-flow --seeds 1 2 --lrs tuned --epochs 40 --append
     python benchmarks/shapes_algorithms.py --epochs 10 --seeds 0 --variants ddpo_is   # a quick look
+A longer budget at the tuned learning rates goes to its own results files (`--name`, here
+benchmarks/results/shapes_algorithms_long.*), the tuning still read from shapes_algorithms.json:
+    python benchmarks/shapes_algorithms.py --model shapes --variants ddpo_is ddpo_sf --lrs tuned --epochs 100 \
+        --name shapes_algorithms_long
 """
 
 from __future__ import annotations
@@ -254,6 +258,9 @@ def main() -> int:
     parser.add_argument("--append", action="store_true", help="keep the other runs already in the results JSON")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (one torch thread each)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_shapes_algorithms"))
+    parser.add_argument("--name", default="shapes_algorithms",
+                        help="results file stem in benchmarks/results (e.g. shapes_algorithms_long for a longer "
+                             "budget); `--lrs tuned` always reads the tuning in shapes_algorithms.json")
     parser.add_argument("overrides", nargs="*", help="extra section.key=value overrides for every run")
     args = parser.parse_args()
     variants = args.variants or list(VARIANTS[args.model])
@@ -261,12 +268,13 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown variant(s) {unknown} for --model {args.model}; choose from {list(VARIANTS[args.model])}")
     args.out.mkdir(parents=True, exist_ok=True)
-    result_file = RESULTS / "shapes_algorithms.json"
-    old = json.loads(result_file.read_text()) if args.append and result_file.is_file() else {}
+    result_file = RESULTS / f"{args.name}.json"
     if "tuned" in args.lrs:
         if args.lrs != ["tuned"]:
             parser.error("--lrs tuned stands alone")
-        choice = {v: tuned_lr(old.get("runs", []), old.get("base", {}), args.model, v) for v in variants}
+        tuning_file = RESULTS / "shapes_algorithms.json"
+        grid = json.loads(tuning_file.read_text()) if tuning_file.is_file() else {}
+        choice = {v: tuned_lr(grid.get("runs", []), grid.get("base", {}), args.model, v) for v in variants}
         print(f"tuned learning rates: {choice}")
         jobs = [(args.model, v, choice[v], s) for s in args.seeds for v in variants]
     else:
@@ -282,10 +290,11 @@ def main() -> int:
     runs = [r for r in old.get("runs", []) if "lr" in r and key(r) not in done] + runs
     RESULTS.mkdir(parents=True, exist_ok=True)
     result_file.write_text(json.dumps({"base": base, "epochs": args.epochs, "runs": runs}, indent=1))
-    lines = table(measured(runs), base) + ["", "Learning rates tried (seed 0):", ""] + tuning(runs)
-    (RESULTS / "shapes_algorithms.md").write_text("\n".join(lines) + "\n")
+    header = "Learning rates tried (seed 0):" if args.name == "shapes_algorithms" else "Training seed 0:"
+    lines = table(measured(runs), base) + ["", header, ""] + tuning(runs)
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(measured(runs), RESULTS / "shapes_algorithms.png")
+    plot(measured(runs), RESULTS / f"{args.name}.png")
     return 0
 
 

@@ -165,11 +165,21 @@ def test_compiled_denoiser_trains_saves_and_resumes_like_eager(tmp_path, monkeyp
     assert_same_training(eager, compiled, rtol=1e-6 if backend == "aot_eager" else 1e-5, log_probs=log_probs)
 
 
+# The torch release the canary below last ran on (2026-12-02, AMD EPYC, 98 s cold): wrong gradients in 126 of the tiny
+# UNet's 208 weights, every one upstream of its first upsampler's conv; neither that up block, the next one nor the
+# mid block compiled alone reproduces it, so the canary compiles the whole UNet.
+CANARY_TORCH = "2.13.0"
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(torch.__version__.split("+")[0] == CANARY_TORCH, reason=(
+    f"known result on torch {CANARY_TORCH} (inductor's CPU UNet gradients are wrong); inductor's cold C++ compile of "
+    "the whole UNet takes 100-130 s of the suite's 10 minutes on 2 cores, so the canary runs when torch changes"))
 def test_why_inductor_is_refused_on_a_cpu():
     """The reason for the refusal above, as a canary: inductor's CPU code gives the plain tiny diffusers UNet (no
     LoRA, nothing of ddpo) the right forward but wrong weight gradients. When a torch upgrade fixes this, the test
-    fails: lift the refusal in ddpo/pipeline.py `speed_options` and run the inductor case above on a CPU."""
+    fails: lift the refusal in ddpo/pipeline.py `speed_options` and run the inductor case above on a CPU. It runs
+    whenever torch is not CANARY_TORCH, so the constraints bump that changes torch runs it."""
     import torch._dynamo
     import torch._inductor.cpp_builder
 
