@@ -290,8 +290,7 @@ def main() -> int:
     runs = [r for r in old.get("runs", []) if "lr" in r and key(r) not in done] + runs
     RESULTS.mkdir(parents=True, exist_ok=True)
     result_file.write_text(json.dumps({"base": base, "epochs": args.epochs, "runs": runs}, indent=1))
-    header = "Learning rates tried (seed 0):" if args.name == "shapes_algorithms" else "Training seed 0:"
-    lines = table(measured(runs), base) + ["", header, ""] + tuning(runs)
+    lines = table(measured(runs), base) + ["", "Training seed 0, every learning rate run:", ""] + tuning(runs)
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(measured(runs), RESULTS / f"{args.name}.png")
