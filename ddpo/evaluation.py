@@ -7,7 +7,9 @@ Metrics (metrics.jsonl, TensorBoard):
 - `eval_reward_heldout` / `eval_reward_train` and `eval_score_heldout` / `eval_score_train`: the same means over the
   held-out and the training prompts, when the evaluation covers both (`prompts.eval_split=all` on a grammar with a
   held-out split). A reward that keeps rising while `eval_score_*` falls is over-optimisation in view.
-Every mean is over distinct prompts in their `evaluation_prompts` order, so it is the same on any number of processes.
+Every mean is over the evaluation's images in their `evaluation_images` order (each distinct prompt
+`prompts.eval_images_per_prompt` times, so also the mean of the prompts' means), the same on any number of processes;
+the grid shows each prompt's first image.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 
 from ddpo.metrics import save_grid
 from ddpo.reward_pool import RewardPool
-from ddpo.rollout import evaluate, evaluation_prompts
+from ddpo.rollout import evaluate, evaluation_images, evaluation_prompts
 
 
 class Evaluator:
@@ -29,7 +31,8 @@ class Evaluator:
         r = config.reward
         judged = r.eval_name and config.prompts.eval_every  # without evaluations the judge has nothing to judge
         self.judge = RewardPool(r.eval_name, r.eval_kwargs, "inline", r.timeout_s) if judged else None
-        prompts = evaluation_prompts(grammar, config) if config.prompts.eval_every else []
+        prompts = evaluation_images(grammar, config) if config.prompts.eval_every else []
+        self.num_prompts = len(evaluation_prompts(grammar, config)) if config.prompts.eval_every else 0
         by_split = config.prompts.eval_split == "all" and grammar.has_heldout
         self.heldout = np.array([grammar.is_heldout(p) for p in prompts], dtype=bool) if by_split else None
         self.prompts = prompts
@@ -51,12 +54,13 @@ class Evaluator:
         if self.judge is not None and len(result.positions):
             metadata = [dict(self.prompts[i].metadata) for i in result.positions]
             scores = self.judge.result(self.judge.submit(result.images, result.prompts, metadata)).scores
-        if accelerator.is_main_process and self.config.logging.sample_grid and len(result.prompts):
-            images = (result.images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-            save_grid(images, [f"{t} | r={r:.3f}" for t, r in zip(result.prompts, result.rewards)], grid_path)
+        first = [k for k, i in enumerate(result.positions) if i < self.num_prompts]  # each prompt's first image
+        if accelerator.is_main_process and self.config.logging.sample_grid and first:
+            images = (result.images[first].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+            save_grid(images, [f"{result.prompts[k]} | r={result.rewards[k]:.3f}" for k in first], grid_path)
         rows = dict(gather_object([(i, (float(r), float(s)))
                                    for i, r, s in zip(result.positions, result.rewards, scores)]))
-        table = np.array([rows[i] for i in sorted(rows)], dtype=np.float64)  # (n_prompts, 2): reward, score
+        table = np.array([rows[i] for i in sorted(rows)], dtype=np.float64)  # (n_images, 2): reward, score
         return self._means(table)
 
     def _means(self, table: np.ndarray) -> dict[str, float]:

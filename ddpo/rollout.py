@@ -34,7 +34,7 @@ class Rollout(NamedTuple):
 
 
 class Evaluation(NamedTuple):
-    positions: list[int]  # n_local: each prompt's position in `evaluation_prompts`
+    positions: list[int]  # n_local: each image's position in `evaluation_images`
     prompts: list[str]  # n_local
     images: torch.Tensor  # (n_local, 3, H, W) in [0, 1]
     rewards: np.ndarray  # (n_local,) float32
@@ -207,9 +207,15 @@ def evaluation_prompts(grammar, config, oversample: int = 16) -> list:
     return list(first.values())[:p.eval_num_prompts]
 
 
+def evaluation_images(grammar, config) -> list:
+    """The prompt of each evaluation image: `evaluation_prompts` repeated `prompts.eval_images_per_prompt` times
+    (all prompts once, then all again, ...), so position i < n_prompts is the same image for any repeat count."""
+    return evaluation_prompts(grammar, config) * config.prompts.eval_images_per_prompt
+
+
 def evaluation_noise(family, eval_seed: int, positions: list[int]) -> torch.Tensor:
-    """The initial noise for the evaluation prompts at `positions` (n, ...): one seed per prompt position, so a
-    prompt gets the same noise whichever process evaluates it and however many there are."""
+    """The initial noise for the evaluation images at `positions` (n, ...): one seed per image position, so an
+    image gets the same noise whichever process evaluates it and however many there are."""
     shape = family.latent_shape(1)
     return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(
         derive_seed(eval_seed, i, "eval-noise"))) for i in positions])
@@ -220,12 +226,14 @@ def evaluate(family, unet, grammar, reward_pool: RewardPool, config, process_ind
              device: torch.device, autocast) -> Evaluation:
     """This process's share of the fixed evaluation prompts, sampled deterministically (eta = 0), and their rewards.
 
-    Prompts (`evaluation_prompts`: each distinct prompt once) and initial noise (seeded by the prompt's position)
-    depend only on `prompts.eval_seed`, so every evaluation of a run (and of any run with the same settings, on any
-    number of processes) sees the same prompts and noise: grids of two evaluations are before/after pictures.
+    Prompts (`evaluation_images`: each distinct prompt `prompts.eval_images_per_prompt` times) and initial noise
+    (seeded by the image's position) depend only on `prompts.eval_seed`, so every evaluation of a run (and of any run
+    with the same settings, on any number of processes) sees the same prompts and noise: grids of two evaluations are
+    before/after pictures. A process samples its whole share in one batch: `prompts.eval_images_per_prompt`
+    multiplies the evaluation's memory as well as its time.
     """
     p, s = config.prompts, config.sample
-    prompts = evaluation_prompts(grammar, config)
+    prompts = evaluation_images(grammar, config)
     mine = list(range(process_index, len(prompts), num_processes))
     if not mine:
         return Evaluation([], [], torch.zeros(0, 3, 1, 1), np.zeros(0, dtype=np.float32))

@@ -65,13 +65,14 @@ def plain_accelerate_env():
 def check_config(grammar, config, num_processes: int) -> None:
     """Refuse what sharding cannot run (ConfigError), before the denoiser is sharded."""
     from ddpo.config import ConfigError
-    from ddpo.rollout import evaluation_prompts
+    from ddpo.rollout import evaluation_images
 
     # Every process must run the denoiser as often as the others (each forward gathers the shards from all).
-    if config.prompts.eval_every and len(evaluation_prompts(grammar, config)) < num_processes:
-        raise ConfigError(f"prompts.eval_num_prompts={config.prompts.eval_num_prompts} gives fewer distinct evaluation "
-                          f"prompts than the {num_processes} processes sharing the sharded denoiser (FSDP): each needs "
-                          "one; raise it or set prompts.eval_every=0")
+    if config.prompts.eval_every and len(evaluation_images(grammar, config)) < num_processes:
+        raise ConfigError(f"prompts.eval_num_prompts={config.prompts.eval_num_prompts} x "
+                          f"prompts.eval_images_per_prompt={config.prompts.eval_images_per_prompt} gives fewer "
+                          f"evaluation images than the {num_processes} processes sharing the sharded denoiser (FSDP): "
+                          "each needs one; raise either or set prompts.eval_every=0")
     if config.model.mixed_precision == "fp16":  # the GradScaler would decide to skip a step on each shard alone
         raise ConfigError("model.mixed_precision=fp16 is not supported with FSDP; use bf16")
     # fully_shard refuses non-contiguous (channels_last) parameters; after Module.compile() FSDP's hooks would run

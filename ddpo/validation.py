@@ -26,7 +26,8 @@ def validate(c: Config) -> None:
                        ("train.num_epochs", t.num_epochs), ("train.num_inner_epochs", t.num_inner_epochs),
                        ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
                        ("logging.save_every", lg.save_every), ("logging.keep_last", lg.keep_last),
-                       ("train.stat_buffer_size", t.stat_buffer_size), ("prompts.eval_num_prompts", p.eval_num_prompts)]:
+                       ("train.stat_buffer_size", t.stat_buffer_size), ("prompts.eval_num_prompts", p.eval_num_prompts),
+                       ("prompts.eval_images_per_prompt", p.eval_images_per_prompt)]:
         _require(value >= 1, f"{key}={value} must be >= 1")
     _require(s.eta >= 0, f"sample.eta={s.eta} must be >= 0")
     _require(s.guidance_scale >= 1.0, f"sample.guidance_scale={s.guidance_scale} must be >= 1 (1 turns guidance off)")

@@ -126,3 +126,45 @@ def test_evaluation_does_not_change_training(tmp_path):
     weights = [load_file(run / "checkpoints" / "epoch_0002" / "pytorch_lora_weights.safetensors")
                for run in (plain, judged)]
     assert all(weights[0][k].equal(weights[1][k]) for k in weights[0])
+
+
+def test_more_images_per_evaluation_prompt_extend_the_same_evaluation():
+    """prompts.eval_images_per_prompt=3: every prompt 3 times, each image from its own noise; the first image of
+    each prompt is the 1-image evaluation's (to float rounding: a larger batch sums in another order), two processes
+    split the images between them and draw the same ones, and the judge's per-split mask follows the repeated
+    prompts."""
+    import contextlib
+
+    import torch
+
+    from ddpo.evaluation import Evaluator
+    from ddpo.reward_pool import RewardPool
+    from ddpo.rollout import evaluate
+    from ddpo.trainer import build_policy
+
+    common = ["prompts.grammar=simple_animals", "prompts.eval_every=1", "prompts.eval_split=all",
+              "prompts.eval_num_prompts=5"]
+    one, three = (load_config("tiny_cpu", common + [f"prompts.eval_images_per_prompt={k}"]) for k in (1, 3))
+    grammar = load_grammar("simple_animals")
+    torch.manual_seed(0)
+    family, _ = build_policy(one, torch.device("cpu"))
+    pool = RewardPool("jpeg_compressibility", {}, "inline")
+
+    def run(config, rank=0, world=1):
+        return evaluate(family, family.denoiser, grammar, pool, config, rank, world, torch.device("cpu"),
+                        contextlib.nullcontext)
+
+    a, b = run(one), run(three)
+    assert a.positions == list(range(5)) and b.positions == list(range(15)) and b.prompts == a.prompts * 3
+    assert torch.allclose(b.images[:5], a.images, atol=1e-5)
+    for k in range(1, 3):  # the same prompt, other noise: other images
+        assert all((b.images[k * 5 + i] - b.images[i]).abs().max() > 0.1 for i in range(5))
+    halves = [run(three, rank, 2) for rank in (0, 1)]
+    assert sorted(halves[0].positions + halves[1].positions) == list(range(15))
+    for half in halves:
+        assert torch.allclose(half.images, b.images[half.positions], atol=1e-5)
+    heldout = Evaluator(three, grammar, pool).heldout
+    assert heldout is not None and np.array_equal(heldout, np.tile(Evaluator(one, grammar, pool).heldout, 3))
+    pool.close()
+    with pytest.raises(ConfigError, match="prompts.eval_images_per_prompt=0 must be >= 1"):
+        validate(load_config("tiny_cpu", common + ["prompts.eval_images_per_prompt=0"]))
