@@ -20,7 +20,7 @@ import numpy as np
 
 from ddpo.metrics import save_grid
 from ddpo.reward_pool import RewardPool
-from ddpo.rollout import evaluate, evaluation_images, evaluation_prompts
+from ddpo.rollout import evaluate, evaluation_images
 
 
 class Evaluator:
@@ -32,7 +32,7 @@ class Evaluator:
         judged = r.eval_name and config.prompts.eval_every  # without evaluations the judge has nothing to judge
         self.judge = RewardPool(r.eval_name, r.eval_kwargs, "inline", r.timeout_s) if judged else None
         prompts = evaluation_images(grammar, config) if config.prompts.eval_every else []
-        self.num_prompts = len(evaluation_prompts(grammar, config)) if config.prompts.eval_every else 0
+        self.num_prompts = len(prompts) // config.prompts.eval_images_per_prompt  # distinct prompts
         by_split = config.prompts.eval_split == "all" and grammar.has_heldout
         self.heldout = np.array([grammar.is_heldout(p) for p in prompts], dtype=bool) if by_split else None
         self.prompts = prompts
