@@ -148,9 +148,9 @@ class PromptConfig:
     eval_every: int = 0  # epochs between held-out evaluations; 0 turns them off
     eval_split: Literal["train", "heldout", "all"] = "heldout"
     eval_num_prompts: int = 8  # distinct prompts (all of a smaller split)
-    # images of each evaluation prompt, each from its own initial noise: K x the evaluation's time (and memory: one
-    # batch per process) for a judge whose standard error is 1/sqrt(K) of one image per prompt (the first image of
-    # each prompt is the same for any K)
+    # images of each evaluation prompt, each from its own initial noise: K x the evaluation's time (sampled in
+    # batches of sample.batch_size) for a judge whose standard error is 1/sqrt(K) of one image per prompt (the first
+    # image of each prompt is the same for any K)
     eval_images_per_prompt: int = 1
     eval_seed: int = 1234
 

@@ -221,6 +221,16 @@ def evaluation_noise(family, eval_seed: int, positions: list[int]) -> torch.Tens
         derive_seed(eval_seed, i, "eval-noise"))) for i in positions])
 
 
+def evaluation_batches(mine: list[int], num_images: int, num_processes: int, batch_size: int) -> list[list[int]]:
+    """This process's evaluation positions `mine` in sampler batches of at most `batch_size` (`sample.batch_size`,
+    what fits in memory), as many batches on every process: a sharded denoiser's (FSDP) forward is collective, so
+    each process must call it as often. The count comes from the largest share; with batch_size 1 a smaller share
+    can get one empty batch, which `evaluate` fills with a repeated image and drops."""
+    largest = -(-num_images // num_processes)
+    return [[int(i) for i in part] for part in np.array_split(np.array(mine, dtype=np.int64),
+                                                               max(1, -(-largest // batch_size)))]
+
+
 @torch.no_grad()
 def evaluate(family, unet, grammar, reward_pool: RewardPool, config, process_index: int, num_processes: int,
              device: torch.device, autocast) -> Evaluation:
@@ -228,23 +238,29 @@ def evaluate(family, unet, grammar, reward_pool: RewardPool, config, process_ind
 
     Prompts (`evaluation_images`: each distinct prompt `prompts.eval_images_per_prompt` times) and initial noise
     (seeded by the image's position) depend only on `prompts.eval_seed`, so every evaluation of a run (and of any run
-    with the same settings, on any number of processes) sees the same prompts and noise: grids of two evaluations are
-    before/after pictures. A process samples its whole share in one batch: `prompts.eval_images_per_prompt`
-    multiplies the evaluation's memory as well as its time.
+    with the same settings, on any number of processes or batch size) sees the same prompts and noise: grids of two
+    evaluations are before/after pictures. A process samples its share in batches of at most `sample.batch_size`
+    (`evaluation_batches`); a batch's rewards run while the next one samples.
     """
     p, s = config.prompts, config.sample
     prompts = evaluation_images(grammar, config)
     mine = list(range(process_index, len(prompts), num_processes))
     if not mine:
         return Evaluation([], [], torch.zeros(0, 3, 1, 1), np.zeros(0, dtype=np.float32))
-    texts = [prompts[i].text for i in mine]
-    negative = family.encode([s.negative_prompt], device).expand(len(mine))
-    with autocast():
-        trajectories = sample_trajectories(family, unet, family.encode(texts, device), negative,
-                                           num_steps=s.eval_num_steps or s.num_steps,
-                                           guidance_scale=s.guidance_scale, eta=0.0, generator=torch.Generator(),
-                                           initial_noise=evaluation_noise(family, p.eval_seed, mine))
-    check_finite_latents(trajectories, None)
-    metadata = [dict(prompts[i].metadata) for i in mine]
-    result = reward_pool.result(reward_pool.submit(trajectories.images, texts, metadata))
-    return Evaluation(mine, texts, trajectories.images, result.scores)
+    negative = family.encode([s.negative_prompt], device)
+    images, futures = [], []
+    for batch in evaluation_batches(mine, len(prompts), num_processes, s.batch_size):
+        positions = batch or mine[-1:]  # an empty batch samples a repeated image (dropped) to keep FSDP in step
+        texts = [prompts[i].text for i in positions]
+        with autocast():
+            trajectories = sample_trajectories(family, unet, family.encode(texts, device),
+                                               negative.expand(len(positions)),
+                                               num_steps=s.eval_num_steps or s.num_steps,
+                                               guidance_scale=s.guidance_scale, eta=0.0, generator=torch.Generator(),
+                                               initial_noise=evaluation_noise(family, p.eval_seed, positions))
+        check_finite_latents(trajectories, None)
+        if batch:
+            images.append(trajectories.images)
+            futures.append(reward_pool.submit(trajectories.images, texts, [dict(prompts[i].metadata) for i in batch]))
+    rewards = np.concatenate([reward_pool.result(f).scores for f in futures])
+    return Evaluation(mine, [prompts[i].text for i in mine], torch.cat(images), rewards)

@@ -25,7 +25,8 @@ from localhost import free_port
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["train.num_epochs=2", "sample.batch_size=2", "train.batch_size=2", "train.learning_rate=1e-2",
           "reward.name=rewards_for_tests:brightness", "prompts.eval_every=2", "prompts.eval_split=all",
-          "prompts.eval_num_prompts=3"]  # evaluation: 2 prompts on one process, 1 on the other
+          "prompts.eval_num_prompts=5"]  # evaluation: 3 images on one process, 2 on the other, 2 sampler batches each
+# (sample.batch_size 2; the sharded forward is collective, so both processes must call it as often)
 
 
 def fsdp_env() -> dict[str, str]:

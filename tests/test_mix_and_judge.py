@@ -163,8 +163,29 @@ def test_more_images_per_evaluation_prompt_extend_the_same_evaluation():
     assert sorted(halves[0].positions + halves[1].positions) == list(range(15))
     for half in halves:
         assert torch.allclose(half.images, b.images[half.positions], atol=1e-5)
+    # In sampler batches of sample.batch_size (2 here; 1 below: two processes then run 8 batches each, one of
+    # process 1's empty and filled with a repeated image) or all at once: the same images.
+    for size in (1, 16):
+        config = load_config("tiny_cpu", common + ["prompts.eval_images_per_prompt=3", f"sample.batch_size={size}"])
+        for rank in (0, 1):
+            part = run(config, rank, 2)
+            assert part.positions == halves[rank].positions and len(part.rewards) == len(part.positions)
+            assert torch.allclose(part.images, b.images[part.positions], atol=1e-5)
     heldout = Evaluator(three, grammar, pool).heldout
     assert heldout is not None and np.array_equal(heldout, np.tile(Evaluator(one, grammar, pool).heldout, 3))
     pool.close()
     with pytest.raises(ConfigError, match="prompts.eval_images_per_prompt=0 must be >= 1"):
         validate(load_config("tiny_cpu", common + ["prompts.eval_images_per_prompt=0"]))
+
+
+def test_evaluation_batches_are_as_many_on_every_process_and_fit_the_batch_size():
+    from ddpo.rollout import evaluation_batches
+
+    for images, processes, size in [(15, 2, 2), (15, 2, 1), (7, 3, 2), (42, 1, 16), (5, 4, 16), (64, 8, 3)]:
+        shares = [list(range(rank, images, processes)) for rank in range(processes)]
+        batches = [evaluation_batches(share, images, processes, size) for share in shares]
+        assert len({len(b) for b in batches}) == 1  # a sharded denoiser's forward is collective
+        for share, mine in zip(shares, batches):
+            assert [i for batch in mine for i in batch] == share and all(len(batch) <= size for batch in mine)
+            assert sum(not batch for batch in mine) <= (1 if size == 1 else 0)
+    assert [len(b) for b in evaluation_batches(list(range(0, 15, 2)), 15, 2, 2)] == [2, 2, 2, 2]
