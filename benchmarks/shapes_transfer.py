@@ -4,13 +4,15 @@ Each run trains a Shapes alignment preset on the `shapes_transfer` grammar: its 
 rare colour-shape pairs (red, yellow and green squares), the other three (blue, purple and white squares) are
 excluded from every split, so training never sees them. `ddpo shapes eval --per-pair 16` then measures the trained
 rare pairs, the unseen rare pairs and the common pairs, at the training sampler and at a deterministic one (eta 0,
-20 steps), against the base model on the same evaluation. One training run is one command:
+20 steps), against the base model on the same evaluation, at each evaluation seed given (96 rare images a seed and
+sampler; one seed's can be 10 points off, docs/shapes.md), and reports the mean over them. One training run is one
+command:
 
     ddpo train shapes_alignment prompts.grammar=shapes_transfer
 
-    python benchmarks/shapes_transfer.py                          # the UNet, 3 seeds, 2 at a time
+    python benchmarks/shapes_transfer.py                          # the UNet, 3 training x 3 evaluation seeds
     python benchmarks/shapes_transfer.py --model shapes-flow --preset shapes_flow_alignment --append [overrides]
-                                                                  # the flow model (docs/shapes.md: the measured overrides)
+                                                                  # the flow model (docs/shapes.md: its commands)
 """
 
 from __future__ import annotations
@@ -49,15 +51,29 @@ def evaluate(model: str, lora: Path | None, out: Path, sampler: str, seed: int) 
     return groups(json.loads(out.read_text()))
 
 
-def train(preset: str, seed: int, args: argparse.Namespace) -> Path:
+def over_seeds(each: dict[int, dict[str, float]]) -> dict:
+    """{eval seed: groups} -> the mean of each group over the evaluation seeds, with the seeds' own numbers kept."""
+    mean = {name: float(np.mean([g[name] for g in each.values()])) for name in ("trained", "unseen", "common")}
+    return {**mean, "eval_seeds": list(each), "per_eval_seed": each}
+
+
+def train(preset: str, seed: int, args: argparse.Namespace) -> dict[int, Path]:
+    """One training run (skipped if its last checkpoint is there) -> {epoch: checkpoint} for args.eval_epochs."""
     run_dir = args.out / f"{preset}_transfer_s{seed}"
-    if not list(run_dir.glob(f"checkpoints/epoch_{args.epochs:04d}")):
+    last = run_dir / "checkpoints" / f"epoch_{args.epochs:04d}"
+    if not last.is_dir():
         cmd = [sys.executable, "-m", "ddpo.cli", "train", preset, "prompts.grammar=shapes_transfer", f"seed={seed}",
                f"logging.output_dir={args.out}", f"logging.run_name={run_dir.name}", "logging.progress=false",
-               f"train.num_epochs={args.epochs}", "prompts.eval_every=0", "reward.eval_name=", *args.overrides]
+               f"train.num_epochs={args.epochs}", "prompts.eval_every=0", "reward.eval_name=",
+               f"logging.keep_last={args.epochs}", *args.overrides]
         with open(args.out / f"{run_dir.name}.log", "w") as log:
             subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=ENV, check=True)
-    return run_dir / "checkpoints" / f"epoch_{args.epochs:04d}"
+    checkpoints = {e: run_dir / "checkpoints" / f"epoch_{e:04d}" for e in args.eval_epochs}
+    missing = [str(c) for c in checkpoints.values() if not c.is_dir()]
+    if missing:
+        raise SystemExit(f"no checkpoint {', '.join(missing)}: pick --eval-epochs among the run's saved epochs "
+                         "(logging.save_every) or pass logging.save_every=N")
+    return checkpoints
 
 
 def main() -> int:
@@ -65,10 +81,14 @@ def main() -> int:
     parser.add_argument("--model", default="shapes", help="shapes or shapes-flow (the base model to evaluate)")
     parser.add_argument("--preset", default="shapes_alignment")
     parser.add_argument("--epochs", type=int, default=None, help="default: the preset's train.num_epochs")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--eval-seed", type=int, default=0)
+    parser.add_argument("--eval-epochs", type=int, nargs="+", default=None,
+                        help="the checkpoints to evaluate (default: the last); each must be a saved epoch")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
+    parser.add_argument("--eval-seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="`ddpo shapes eval --seed` of every evaluation; the tables report their mean")
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--append", action="store_true", help="keep the other models' rows in the results JSON")
+    parser.add_argument("--name", default="shapes_transfer", help="the results file: benchmarks/results/NAME.json")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_shapes_transfer"))
     parser.add_argument("overrides", nargs="*", help="extra section.key=value overrides for every run")
     args = parser.parse_args()
@@ -76,27 +96,32 @@ def main() -> int:
         from ddpo.config import load_config
 
         args.epochs = load_config(args.preset, list(args.overrides)).train.num_epochs
+    args.eval_epochs = args.eval_epochs or [args.epochs]
     args.out.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(args.parallel) as pool:
-        checkpoints = list(pool.map(lambda s: train(args.preset, s, args), args.seeds))
-    rows = []
-    for sampler in SAMPLERS:
-        base = evaluate(args.model, None, args.out / f"{args.model}_base_{sampler}.json", sampler, args.eval_seed)
-        rows.append({"model": args.model, "preset": args.preset, "seed": None, "sampler": sampler, **base})
-        for seed, ckpt in zip(args.seeds, checkpoints):
-            out = args.out / f"{args.preset}_transfer_s{seed}_{sampler}.json"
-            rows.append({"model": args.model, "preset": args.preset, "seed": seed, "sampler": sampler,
-                         "epochs": args.epochs, **evaluate(args.model, ckpt, out, sampler, args.eval_seed)})
-    result_file = RESULTS / "shapes_transfer.json"
+        checkpoints = dict(zip(args.seeds, pool.map(lambda s: train(args.preset, s, args), args.seeds)))
+        runs = [(None, None, None)] + [(s, e, c) for s in args.seeds for e, c in checkpoints[s].items()]
+        jobs = {}
+        for sampler in SAMPLERS:
+            for seed, epoch, ckpt in runs:
+                for e in args.eval_seeds:
+                    name = f"{args.model}_base" if seed is None else f"{args.preset}_transfer_s{seed}_epoch{epoch}"
+                    out = args.out / f"{name}_{sampler}_e{e}.json"
+                    jobs[sampler, seed, epoch, e] = pool.submit(evaluate, args.model, ckpt, out, sampler, e)
+    rows = [{"model": args.model, "preset": args.preset, "seed": seed, "epochs": epoch, "sampler": sampler,
+             **over_seeds({e: jobs[sampler, seed, epoch, e].result() for e in args.eval_seeds})}
+            for sampler in SAMPLERS for seed, epoch, _ in runs]
+    result_file = RESULTS / f"{args.name}.json"
     old = json.loads(result_file.read_text()) if args.append and result_file.is_file() else []
     rows = [r for r in old if r["model"] != args.model] + rows
     RESULTS.mkdir(exist_ok=True)
     result_file.write_text(json.dumps(rows, indent=1))
-    print("| model | sampler | run | trained rare pairs | unseen rare pairs | common pairs |\n|---|---|---|---|---|---|")
+    print("| model | sampler | run | epoch | trained rare pairs | unseen rare pairs | common pairs | eval. seeds |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         who = "base" if r["seed"] is None else f"seed {r['seed']}"
-        print(f"| {r['model']} | {r['sampler']} | {who} | {100 * r['trained']:.1f} | {100 * r['unseen']:.1f} | "
-              f"{100 * r['common']:.1f} |")
+        print(f"| {r['model']} | {r['sampler']} | {who} | {r.get('epochs') or '-'} | {100 * r['trained']:.1f} | "
+              f"{100 * r['unseen']:.1f} | {100 * r['common']:.1f} | {r.get('eval_seeds', [0])} |")
     return 0
 
 
