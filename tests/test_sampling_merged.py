@@ -79,13 +79,15 @@ def rollout(preset, overrides, epoch=0, process_index=0, num_processes=1):
         pool.close()
 
 
-def assert_close(a, b, atol=1e-5):
+def assert_close(a, b, atol=1e-5, rtol=1e-5):
+    """The same epoch to float rounding: a merged call batches the denoiser's matmuls differently, which moves a
+    latent of size ~3 by up to ~1e-5 after 10 steps on some CPUs (AMD EPYC), hence a relative tolerance too."""
     t, u = a.trajectories, b.trajectories
     assert (a.prompts, a.metadata) == (b.prompts, b.metadata)
     assert torch.equal(a.global_index, b.global_index)
-    torch.testing.assert_close(t.latents, u.latents, atol=atol, rtol=0)
-    torch.testing.assert_close(t.log_probs, u.log_probs, atol=atol, rtol=0, equal_nan=True)
-    torch.testing.assert_close(t.images, u.images, atol=atol, rtol=0)
+    torch.testing.assert_close(t.latents, u.latents, atol=atol, rtol=rtol)
+    torch.testing.assert_close(t.log_probs, u.log_probs, atol=atol, rtol=rtol, equal_nan=True)
+    torch.testing.assert_close(t.images, u.images, atol=atol, rtol=rtol)
     assert torch.equal(t.timesteps, u.timesteps)
     for key in t.cond:
         assert torch.equal(t.cond[key], u.cond[key]) and torch.equal(t.negative[key], u.negative[key])

@@ -59,8 +59,10 @@ def assert_same_training(a, b, rtol: float, log_probs: dict | None = None) -> No
     lora_a = load_file(list_checkpoints(a)[-1] / "pytorch_lora_weights.safetensors")
     lora_b = load_file(list_checkpoints(b)[-1] / "pytorch_lora_weights.safetensors")
     assert list(lora_a) == list(lora_b)  # the same keys: no `_orig_mod.` prefix
-    for key in lora_a:  # Adam moves an entry whose gradient is ~0 by up to lr on rounding: atol 1e-3 x lr (1e-3)
-        torch.testing.assert_close(lora_b[key], lora_a[key], rtol=rtol, atol=1e-6)
+    # Adam normalises each entry's gradient, so rounding in an entry whose gradient is ~0 moves it by up to lr a step:
+    # atol 1% of lr (1e-3; 1.3e-6 measured on an AMD EPYC), far below what a wrong layout or graph would change
+    for key in lora_a:
+        torch.testing.assert_close(lora_b[key], lora_a[key], rtol=rtol, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ to_device
